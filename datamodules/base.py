@@ -1,0 +1,238 @@
+"""What every task datamodule shares: a seeded training stream and fixed evaluation task sets.
+
+A task is identified by numbers, never by the state of a random generator: the ``t``-th task of
+training step ``s`` is drawn from ``numpy.random.default_rng([seed, split, s, t])`` and the
+``i``-th validation task from ``default_rng([seed, split, i])``. This makes sampling
+
+- deterministic under a seed, whatever the number of loader workers;
+- different on every rank: under DDP rank ``r`` draws tasks ``r * B / W .. (r + 1) * B / W - 1``
+  of each step, so ``meta_batch_size`` is global and the union over ranks equals what a single
+  process draws;
+- resumable: a run restored from a checkpoint starts the stream at the restored global step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import NamedTuple, Protocol
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from lightning_maml.tasks import TaskBatch
+
+__all__ = ["EvalTaskSet", "MetaDataModule", "Task", "TaskSampler", "TrainTaskStream"]
+
+SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
+
+
+class Task(NamedTuple):
+    """One task's data, without the task dimension."""
+
+    support_x: Tensor
+    support_y: Tensor
+    query_x: Tensor
+    query_y: Tensor
+    hessian_x: Tensor | None = None
+    hessian_y: Tensor | None = None
+
+
+class TaskSampler(Protocol):
+    """Draws one task of a split from the generator it is given (and from nothing else)."""
+
+    def __call__(self, rng: np.random.Generator, split: str) -> Task: ...
+
+
+def stack_tasks(tasks: list[Task]) -> TaskBatch:
+    """Stacks single tasks into a :class:`TaskBatch` (task dimension first)."""
+    fields = zip(*tasks, strict=True)
+    return TaskBatch(*[None if f[0] is None else torch.stack(f) for f in fields])
+
+
+class TrainTaskStream(IterableDataset):
+    """An endless stream of training meta-batches, keyed by the global step.
+
+    Args:
+        sampler: Draws one task.
+        meta_batch_size: The global number of tasks per step (all ranks together).
+        seed: The data seed.
+        start_step: The first global step to produce (the restored step on resume).
+        rank: This process's rank.
+        world_size: The number of processes sharing each meta-batch.
+    """
+
+    def __init__(
+        self,
+        sampler: TaskSampler,
+        meta_batch_size: int,
+        seed: int,
+        start_step: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if meta_batch_size % world_size:
+            raise ValueError(
+                f"meta_batch_size={meta_batch_size} is the global number of tasks per step and "
+                f"must divide evenly over {world_size} processes; choose a multiple of {world_size}."
+            )
+        self.sampler = sampler
+        self.meta_batch_size = meta_batch_size
+        self.seed = seed
+        self.start_step = start_step
+        self.rank = rank
+        self.world_size = world_size
+
+    def batch(self, step: int) -> TaskBatch:
+        """This rank's share of the meta-batch of global step ``step``."""
+        local = self.meta_batch_size // self.world_size
+        first = self.rank * local
+        return stack_tasks(
+            [
+                self.sampler(np.random.default_rng([self.seed, SPLIT_IDS["train"], step, t]), "train")
+                for t in range(first, first + local)
+            ]
+        )
+
+    def __iter__(self) -> Iterator[TaskBatch]:
+        # Workers take steps round-robin, which is the order the DataLoader reads them back in.
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        step = self.start_step + worker
+        while True:
+            yield self.batch(step)
+            step += workers
+
+
+class EvalTaskSet(Dataset):
+    """A fixed, seeded set of evaluation tasks, served in meta-batches.
+
+    Args:
+        sampler: Draws one task.
+        split: ``"val"`` or ``"test"``.
+        num_tasks: The number of tasks in the set.
+        meta_batch_size: Tasks per batch (the last batch may be smaller).
+        seed: The data seed.
+    """
+
+    def __init__(
+        self, sampler: TaskSampler, split: str, num_tasks: int, meta_batch_size: int, seed: int
+    ) -> None:
+        self.sampler = sampler
+        self.split = split
+        self.num_tasks = num_tasks
+        self.meta_batch_size = meta_batch_size
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_tasks / self.meta_batch_size)
+
+    def __getitem__(self, index: int) -> TaskBatch:
+        if not 0 <= index < len(self):
+            raise IndexError(f"batch {index} of an evaluation set of {len(self)} batches")
+        first = index * self.meta_batch_size
+        last = min(first + self.meta_batch_size, self.num_tasks)
+        split_id = SPLIT_IDS[self.split]
+        return stack_tasks(
+            [
+                self.sampler(np.random.default_rng([self.seed, split_id, i]), self.split)
+                for i in range(first, last)
+            ]
+        )
+
+
+def _positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+class MetaDataModule(LightningDataModule):
+    """Base class of the task datamodules: subclasses provide :meth:`task_sampler`.
+
+    Args:
+        meta_batch_size: Tasks per training step, over all devices together.
+        seed: The data seed; the same seed gives the same tasks.
+        num_val_tasks: The size of the fixed validation task set.
+        num_test_tasks: The size of the fixed test task set (600 in Finn et al. 2017).
+        eval_meta_batch_size: Tasks per validation/test batch (default: ``meta_batch_size``).
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(
+        self,
+        meta_batch_size: int,
+        seed: int = 0,
+        num_val_tasks: int = 100,
+        num_test_tasks: int = 600,
+        eval_meta_batch_size: int | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        for name, value in [
+            ("meta_batch_size", meta_batch_size),
+            ("num_val_tasks", num_val_tasks),
+            ("num_test_tasks", num_test_tasks),
+        ]:
+            _positive(name, value)
+        if eval_meta_batch_size is not None:
+            _positive("eval_meta_batch_size", eval_meta_batch_size)
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
+        self.meta_batch_size = meta_batch_size
+        self.seed = seed
+        self.num_val_tasks = num_val_tasks
+        self.num_test_tasks = num_test_tasks
+        self.eval_meta_batch_size = eval_meta_batch_size or meta_batch_size
+        self.num_workers = num_workers
+
+    def task_sampler(self, split: str) -> TaskSampler:
+        """The sampler of one task of ``split``; subclasses override this."""
+        raise NotImplementedError
+
+    def _placement(self) -> tuple[int, int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 0, 1
+        return trainer.global_step, trainer.global_rank, trainer.world_size
+
+    def setup(self, stage: str) -> None:
+        _, _, world_size = self._placement()
+        if stage == "fit" and self.meta_batch_size % world_size:
+            raise ValueError(
+                f"meta_batch_size={self.meta_batch_size} is the global number of tasks per step "
+                f"and must divide evenly over the {world_size} processes; choose a multiple of "
+                f"{world_size}."
+            )
+
+    def _loader(self, dataset: Dataset) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        # Lightning restores the loops before it asks for the loader, so global_step is the
+        # step a resumed run continues from.
+        start, rank, world_size = self._placement()
+        stream = TrainTaskStream(
+            self.task_sampler("train"), self.meta_batch_size, self.seed, start, rank, world_size
+        )
+        return self._loader(stream)
+
+    def eval_set(self, split: str) -> EvalTaskSet:
+        """The fixed task set of ``split`` (``"val"`` or ``"test"``)."""
+        num = self.num_val_tasks if split == "val" else self.num_test_tasks
+        return EvalTaskSet(
+            self.task_sampler(split), split, num, self.eval_meta_batch_size, self.seed
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.eval_set("val"))
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.eval_set("test"))

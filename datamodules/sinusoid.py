@@ -1,0 +1,115 @@
+"""Sinusoid regression tasks of Finn et al. 2017."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from datamodules.base import MetaDataModule, Task
+
+__all__ = ["SinusoidDataModule", "SinusoidTasks"]
+
+
+class SinusoidTasks:
+    """Draws one sinusoid task ``y = A sin(x - phase)`` and its three data batches.
+
+    Args:
+        shots: Support points per task (``D_in``).
+        query_shots: Query points per task (``D_o``).
+        hessian_shots: Hessian-set points per task (``D_h``); 0 for none.
+        amplitude_range: ``A ~ U[low, high]``.
+        phase_range: ``phase ~ U[low, high]``.
+        input_range: ``x ~ U[low, high]``.
+    """
+
+    def __init__(
+        self,
+        shots: int,
+        query_shots: int,
+        hessian_shots: int = 0,
+        amplitude_range: tuple[float, float] = (0.1, 5.0),
+        phase_range: tuple[float, float] = (0.0, math.pi),
+        input_range: tuple[float, float] = (-5.0, 5.0),
+    ) -> None:
+        self.shots = shots
+        self.query_shots = query_shots
+        self.hessian_shots = hessian_shots
+        self.amplitude_range = amplitude_range
+        self.phase_range = phase_range
+        self.input_range = input_range
+
+    def __call__(self, rng: np.random.Generator, split: str) -> Task:
+        amplitude = rng.uniform(*self.amplitude_range)
+        phase = rng.uniform(*self.phase_range)
+        counts = [self.shots, self.query_shots, self.hessian_shots]
+        x = rng.uniform(*self.input_range, size=(sum(counts), 1))
+        xs = torch.from_numpy(x.astype(np.float32))
+        ys = amplitude * torch.sin(xs - phase)
+        support, query, hessian = (
+            (xs[a:b], ys[a:b]) for a, b in zip(np.cumsum([0, *counts[:-1]]), np.cumsum(counts))
+        )
+        if not self.hessian_shots:
+            hessian = (None, None)
+        return Task(*support, *query, *hessian)
+
+
+class SinusoidDataModule(MetaDataModule):
+    """Finn et al.'s sinusoid regression benchmark as a stream of :class:`TaskBatch` es.
+
+    Amplitude ``U[0.1, 5]``, phase ``U[0, pi]``, inputs ``U[-5, 5]``; tasks are drawn on the fly
+    from seeded generators (see :mod:`datamodules.base`), validation and test tasks are fixed.
+
+    Args:
+        shots: Support points per task (``D_in``; K in Finn et al.).
+        query_shots: Query points per task (``D_o``).
+        hessian_shots: Points of the independent Hessian batch ``D_h``; 0 for none.
+        meta_batch_size: Tasks per training step, over all devices together.
+        seed: The data seed.
+        num_val_tasks: Fixed validation tasks.
+        num_test_tasks: Fixed test tasks.
+        eval_meta_batch_size: Tasks per evaluation batch (default: ``meta_batch_size``).
+        num_workers: DataLoader workers.
+        amplitude_range: Range of the amplitude.
+        phase_range: Range of the phase.
+        input_range: Range of the inputs.
+    """
+
+    def __init__(
+        self,
+        shots: int = 10,
+        query_shots: int = 10,
+        hessian_shots: int = 0,
+        meta_batch_size: int = 25,
+        seed: int = 0,
+        num_val_tasks: int = 100,
+        num_test_tasks: int = 600,
+        eval_meta_batch_size: int | None = None,
+        num_workers: int = 0,
+        amplitude_range: tuple[float, float] = (0.1, 5.0),
+        phase_range: tuple[float, float] = (0.0, math.pi),
+        input_range: tuple[float, float] = (-5.0, 5.0),
+    ) -> None:
+        super().__init__(
+            meta_batch_size, seed, num_val_tasks, num_test_tasks, eval_meta_batch_size, num_workers
+        )
+        for name, value, low in [("shots", shots, 1), ("query_shots", query_shots, 1)]:
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+        if not isinstance(hessian_shots, int) or hessian_shots < 0:
+            raise ValueError(f"hessian_shots must be an integer >= 0, got {hessian_shots!r}.")
+        for name, (low, high) in [
+            ("amplitude_range", amplitude_range),
+            ("phase_range", phase_range),
+            ("input_range", input_range),
+        ]:
+            if not low <= high:
+                raise ValueError(f"{name} must be (low, high) with low <= high, got {(low, high)}.")
+        self.save_hyperparameters()
+        self.tasks = SinusoidTasks(
+            shots, query_shots, hessian_shots, amplitude_range, phase_range, input_range
+        )
+
+    def task_sampler(self, split: str) -> SinusoidTasks:
+        return self.tasks

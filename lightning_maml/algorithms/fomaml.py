@@ -1,0 +1,49 @@
+"""First-order MAML: the meta-gradient without Hessian terms."""
+
+from __future__ import annotations
+
+from torch import Tensor
+from torch.func import grad_and_value
+
+from lightning_maml.algorithms.base import MetaAlgorithm, query_stats
+from lightning_maml.functional import Params, TaskModel
+
+__all__ = ["FOMAML"]
+
+
+class FOMAML(MetaAlgorithm):
+    """First-order MAML: the outer gradient at the adapted point, every Hessian dropped.
+
+    Update rule: ``w_{k+1} = w_k - beta_k / B * sum_i grad f_i(w_k - alpha grad f_i(w_k, D_in), D_o)``
+    (with k inner steps, the gradient at the k-th adapted point).
+
+    Cheapest of the three, but Fallah et al. 2020 show that its error does not vanish with
+    larger batches: it stalls at a floor of order ``alpha * L * sigma`` (task spread sigma).
+
+    Args:
+        inner_lr: The inner step size alpha (> 0).
+        inner_steps: The number of inner steps (>= 1).
+        task_chunk_size: Tasks per vectorised call (see :class:`MetaAlgorithm`).
+
+    References:
+        C. Finn, P. Abbeel, S. Levine. Model-Agnostic Meta-Learning for Fast Adaptation of Deep
+        Networks. ICML 2017 (first-order approximation).
+        A. Fallah, A. Mokhtari, A. Ozdaglar. On the Convergence Theory of Gradient-Based
+        Model-Agnostic Meta-Learning Algorithms. AISTATS 2020 (Section 5, FO-MAML).
+    """
+
+    uses_hessian = False
+
+    def __init__(self, inner_lr: float, inner_steps: int = 1, task_chunk_size="auto") -> None:
+        super().__init__(inner_lr, inner_steps, "inner", task_chunk_size)
+
+    def task_meta_gradient(
+        self, task: TaskModel, params: Params, data: dict[str, Tensor]
+    ) -> tuple[Params, dict[str, Tensor]]:
+        adapted, trajectory = task.adapt(
+            params, data["support_x"], data["support_y"], self.inner_lr, self.inner_steps
+        )
+        outer, (loss, prediction) = grad_and_value(task.loss_and_prediction, has_aux=True)(
+            adapted, data["query_x"], data["query_y"]
+        )
+        return outer, query_stats(task, params, trajectory, loss, prediction, data)

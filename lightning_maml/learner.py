@@ -1,0 +1,280 @@
+"""MetaLearner: any MAML variant as a manual-optimization step of a LightningModule."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from lightning_maml.algorithms.base import Evaluation, MetaAlgorithm, MetaStep
+from lightning_maml.metrics import MeanWithCI, task_accuracy
+from lightning_maml.tasks import TaskBatch
+
+__all__ = ["MetaLearner"]
+
+LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "mse": nn.functional.mse_loss,
+    "cross_entropy": nn.functional.cross_entropy,
+}
+
+
+def default_meta_optimizer(params) -> torch.optim.Optimizer:
+    """Adam with learning rate 1e-3, the meta-optimizer of Finn et al. 2017."""
+    return torch.optim.Adam(params, lr=1e-3)
+
+
+def _describe(value: Any) -> Any:
+    """A plain (loggable, picklable) description of a hyper-parameter value."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_describe(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _describe(v) for k, v in value.items()}
+    if isinstance(value, functools.partial):
+        return {"callable": _describe(value.func), "kwargs": _describe(value.keywords)}
+    if isinstance(value, MetaAlgorithm):
+        init_args = {k: _describe(v) for k, v in value.hparams().items() if k != "variant"}
+        return {"class_path": _path(type(value)), "init_args": init_args}
+    if isinstance(value, nn.Module):
+        return {"class_path": _path(type(value))}
+    if callable(value) and hasattr(value, "__qualname__"):
+        return _path(value)
+    return repr(value)
+
+
+def _path(obj: Any) -> str:
+    return f"{obj.__module__}.{obj.__qualname__}"
+
+
+class MetaLearner(LightningModule):
+    """Meta-trains a model with a MAML-family algorithm under any Lightning ``Trainer``.
+
+    Each training step asks the algorithm for the meta-gradient of the batch of tasks, applies
+    it through ``manual_backward`` of the surrogate ``sum(g.detach() * w)`` (whose gradient is
+    exactly ``g``, so DDP's all-reduce, precision plugins and Lightning's hooks all see an
+    ordinary backward), clips it, and steps the meta-optimizer. Validation and test adapt to
+    each task's support set with gradients for ``eval_inner_steps`` steps and score the query
+    set; classification (integer targets, logits with a class dimension) also reports accuracy.
+
+    Logged: ``train/loss`` (post-adaptation query loss), ``train/loss_before``,
+    ``train/grad_norm`` (the all-reduced meta-gradient's norm before clipping),
+    ``train/accuracy``; ``val/…`` and ``test/…`` loss and accuracy over tasks with their 95%
+    confidence half-widths (``…_ci95``).
+
+    Args:
+        model: The network; its parameters are the meta-parameters.
+        algorithm: ``MAML``, ``FOMAML`` or ``HFMAML`` (any :class:`MetaAlgorithm`).
+        loss: ``"mse"``, ``"cross_entropy"`` or a callable ``loss(prediction, target) -> scalar``.
+        meta_optimizer: A callable from parameters to an optimizer (default: Adam, lr 1e-3).
+        lr_scheduler: An optional callable from the optimizer to an LR scheduler; it is stepped
+            once per meta-step.
+        gradient_clip_val: Clip the meta-gradient to this value (``None``: no clipping).
+        gradient_clip_algorithm: ``"norm"`` or ``"value"``.
+        eval_inner_steps: Inner steps at validation and test (default: the algorithm's
+            ``inner_steps``; Finn et al. use 10 at test time).
+
+    Raises:
+        ValueError: On an unknown loss name, a bad clipping setting or ``eval_inner_steps < 1``.
+        FloatingPointError: During training, when the meta-loss or meta-gradient is not finite.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        algorithm: MetaAlgorithm,
+        loss: str | Callable[[Tensor, Tensor], Tensor] = "mse",
+        meta_optimizer: OptimizerCallable = default_meta_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: Literal["norm", "value"] = "norm",
+        eval_inner_steps: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        if not isinstance(algorithm, MetaAlgorithm):
+            raise ValueError(
+                "algorithm must be a MetaAlgorithm such as MAML(inner_lr=...), FOMAML(...) or "
+                f"HFMAML(...), got {type(algorithm).__name__}."
+            )
+        if isinstance(loss, str):
+            if loss not in LOSSES:
+                raise ValueError(
+                    f"Unknown loss {loss!r}: use one of {sorted(LOSSES)} or pass a callable "
+                    "loss(prediction, target) -> scalar."
+                )
+            loss_fn = LOSSES[loss]
+        elif callable(loss):
+            loss_fn = loss
+        else:
+            raise ValueError(f"loss must be a name or a callable, got {type(loss).__name__}.")
+        if gradient_clip_val is not None and not gradient_clip_val > 0:
+            raise ValueError(f"gradient_clip_val must be > 0 or None, got {gradient_clip_val!r}.")
+        if gradient_clip_algorithm not in ("norm", "value"):
+            raise ValueError(
+                f"gradient_clip_algorithm must be 'norm' or 'value', got {gradient_clip_algorithm!r}."
+            )
+        if eval_inner_steps is not None and (
+            isinstance(eval_inner_steps, bool) or not isinstance(eval_inner_steps, int) or eval_inner_steps < 1
+        ):
+            raise ValueError(f"eval_inner_steps must be an integer >= 1, got {eval_inner_steps!r}.")
+
+        self.automatic_optimization = False
+        self.model = model
+        self.algorithm = algorithm
+        self.loss_fn = loss_fn
+        self.meta_optimizer = meta_optimizer
+        self.lr_scheduler = lr_scheduler
+        self.gradient_clip_val = gradient_clip_val
+        self.gradient_clip_algorithm = gradient_clip_algorithm
+        self.eval_inner_steps = eval_inner_steps
+        self.eval_metrics = nn.ModuleDict(
+            {f"{stage}_{name}": MeanWithCI() for stage in ("val", "test") for name in ("loss", "accuracy")}
+        )
+        #: The last training step's :class:`MetaStep` (statistics for callbacks).
+        self.last_meta_step: MetaStep | None = None
+        #: The last evaluation batch's :class:`Evaluation`.
+        self.last_evaluation: Evaluation | None = None
+
+        # Under LightningCLI the arguments arrive as plain config (class_path dicts), which
+        # load_from_checkpoint can re-instantiate. Objects passed in Python are replaced by a
+        # description, so that checkpoints stay picklable and loggers get readable configs.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
+            self.save_hyperparameters()
+        plain = {k: _describe(v) for k, v in self.hparams.items()}
+        if plain != dict(self.hparams):
+            self.save_hyperparameters(plain)
+
+    # -- set-up ----------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        # Fail before the first step on a model or datamodule the algorithm cannot use.
+        self.algorithm.check_model(self.model)
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        if (
+            self.algorithm.needs_hessian_batch
+            and datamodule is not None
+            and getattr(datamodule, "hessian_shots", None) == 0
+        ):
+            raise ValueError(
+                f"{type(self.algorithm).__name__}(hessian_batch='independent') needs a Hessian "
+                "set D_h per task, but the datamodule has hessian_shots=0: set hessian_shots > 0 "
+                "(e.g. data.init_args.hessian_shots=10) or use hessian_batch='inner'."
+            )
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.meta_optimizer(self.model.parameters())
+        if self.lr_scheduler is None:
+            return optimizer
+        scheduler = self.lr_scheduler(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    # -- training --------------------------------------------------------------------------
+
+    def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
+        optimizer = self.optimizers()
+        step = self.algorithm.meta_gradient(self.model, self.loss_fn, batch)
+        self.last_meta_step = step
+
+        # A non-finite loss poisons the gradient, so that the check after DDP's all-reduce
+        # sees it on every rank and all ranks stop together.
+        poison = torch.where(torch.isfinite(step.loss), 1.0, float("nan"))
+        surrogate = sum(
+            (p * (step.grads[n] * poison).to(p.dtype)).sum()
+            for n, p in self.model.named_parameters()
+            if n in step.grads
+        )
+        optimizer.zero_grad()
+        self.manual_backward(surrogate)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads)
+        if not torch.isfinite(grad_norm):
+            raise FloatingPointError(
+                f"Non-finite meta-{'loss' if not torch.isfinite(step.loss) else 'gradient'} at "
+                f"global step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx}): "
+                f"meta-loss {step.loss.item():.4g}, meta-gradient norm {grad_norm.item():.4g}. "
+                "Training stopped before the parameters were changed. Lower the inner_lr or "
+                "the meta learning rate, or set gradient_clip_val."
+            )
+        if self.gradient_clip_val is not None:
+            self.clip_gradients(
+                optimizer,
+                gradient_clip_val=self.gradient_clip_val,
+                gradient_clip_algorithm=self.gradient_clip_algorithm,
+            )
+        optimizer.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+
+        tasks = batch.num_tasks
+        self.log("train/loss", step.loss, prog_bar=True, batch_size=tasks)
+        self.log("train/loss_before", step.loss_before, batch_size=tasks)
+        self.log("train/grad_norm", grad_norm, prog_bar=True, batch_size=tasks)
+        accuracy = self._accuracy(step, batch)
+        if accuracy is not None:
+            self.log("train/accuracy", accuracy.mean(), prog_bar=True, batch_size=tasks)
+        return step.loss
+
+    # -- evaluation ------------------------------------------------------------------------
+
+    @staticmethod
+    def _accuracy(result: Evaluation, batch: TaskBatch) -> Tensor | None:
+        """Per-task accuracy for classification tasks, else ``None``."""
+        targets, predictions = batch.query_y, result.predictions
+        if targets.is_floating_point() or predictions.dim() != targets.dim() + 1:
+            return None
+        return task_accuracy(predictions, targets)
+
+    def evaluate(self, batch: TaskBatch, inner_steps: int | None = None) -> Evaluation:
+        """Adapts to each task of ``batch`` and scores its query set, even under inference mode.
+
+        Lightning evaluates under ``torch.inference_mode``; adaptation needs gradients, so this
+        leaves inference mode and copies the batch out of inference tensors first.
+        """
+        steps = self.eval_inner_steps if inner_steps is None else inner_steps
+        with torch.inference_mode(False), torch.enable_grad():
+            if any(t.is_inference() for t in batch.named_tensors().values()):
+                batch = batch.clone()
+            return self.algorithm.evaluate(self.model, self.loss_fn, batch, steps)
+
+    def _eval_step(self, batch: TaskBatch, stage: str) -> None:
+        result = self.evaluate(batch)
+        self.last_evaluation = result
+        self.eval_metrics[f"{stage}_loss"].update(result.task_losses)
+        accuracy = self._accuracy(result, batch)
+        if accuracy is not None:
+            self.eval_metrics[f"{stage}_accuracy"].update(accuracy)
+        self.log(f"{stage}/loss_before", result.loss_before, batch_size=batch.num_tasks, sync_dist=True)
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        for name in ("loss", "accuracy"):
+            metric = self.eval_metrics[f"{stage}_{name}"]
+            if metric.update_called:
+                mean, ci95 = metric.compute()
+                self.log(f"{stage}/{name}", mean.float(), prog_bar=True)
+                self.log(f"{stage}/{name}_ci95", ci95.float())
+            metric.reset()
+
+    def validation_step(self, batch: TaskBatch, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: TaskBatch, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
