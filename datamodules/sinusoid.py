@@ -44,15 +44,15 @@ class SinusoidTasks:
         amplitude = rng.uniform(*self.amplitude_range)
         phase = rng.uniform(*self.phase_range)
         counts = [self.shots, self.query_shots, self.hessian_shots]
-        x = rng.uniform(*self.input_range, size=(sum(counts), 1))
-        xs = torch.from_numpy(x.astype(np.float32))
-        ys = amplitude * torch.sin(xs - phase)
-        support, query, hessian = (
-            (xs[a:b], ys[a:b]) for a, b in zip(np.cumsum([0, *counts[:-1]]), np.cumsum(counts))
+        x = torch.from_numpy(
+            rng.uniform(*self.input_range, size=(sum(counts), 1)).astype(np.float32)
         )
+        y = amplitude * torch.sin(x - phase)
+        support_x, query_x, hessian_x = torch.split(x, counts)
+        support_y, query_y, hessian_y = torch.split(y, counts)
         if not self.hessian_shots:
-            hessian = (None, None)
-        return Task(*support, *query, *hessian)
+            return Task(support_x, support_y, query_x, query_y)
+        return Task(support_x, support_y, query_x, query_y, hessian_x, hessian_y)
 
 
 class SinusoidDataModule(MetaDataModule):

@@ -41,13 +41,13 @@ class MetaCLI(LightningCLI):
         super().__init__(MetaLearner, LightningDataModule, *args, **kwargs)
 
     def after_fit(self) -> None:
-        print_wandb_sync(self.trainer)
+        finish_wandb_runs(self.trainer)
 
     def after_test(self) -> None:
-        print_wandb_sync(self.trainer)
+        finish_wandb_runs(self.trainer)
 
     def after_validate(self) -> None:
-        print_wandb_sync(self.trainer)
+        finish_wandb_runs(self.trainer)
 
 
 def wandb_credentials_present() -> bool:
@@ -73,15 +73,20 @@ def default_wandb_offline() -> bool:
     return True
 
 
-def print_wandb_sync(trainer) -> None:
-    """Prints the ``wandb sync`` command for each offline W&B run of ``trainer``."""
+def finish_wandb_runs(trainer) -> None:
+    """Closes the W&B runs of ``trainer``, printing ``wandb sync`` for offline ones.
+
+    A command is one run: closing it keeps a later command in the same process (a test after
+    a fit, say) from appending to it.
+    """
     for logger in trainer.loggers:
-        if not isinstance(logger, WandbLogger):
+        if not isinstance(logger, WandbLogger) or trainer.global_rank != 0:
             continue
         run = logger.experiment
-        if getattr(run, "offline", False) or getattr(run.settings, "mode", "") == "offline":
+        if run.settings.mode == "offline":
             run_dir = Path(run.dir).parent
             rank_zero_info(f"W&B run saved offline; upload it with:\n  wandb sync {run_dir}")
+        run.finish()
 
 
 def main(argv: list[str] | None = None) -> int | None:

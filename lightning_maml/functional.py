@@ -31,7 +31,9 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 def tree_norm(tree: Params) -> Tensor:
     """The Euclidean norm of all tensors of a parameter dictionary taken as one vector."""
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tree.values()]))
+    return torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(t) for t in tree.values()])
+    )
 
 
 def axpy(alpha: Tensor | float, x: Params, y: Params) -> Params:
@@ -121,7 +123,9 @@ class TaskModel:
             if hessian_data is not None:
                 hess_grads = grad(self.loss)(params, *hessian_data)
                 # Value of grads, derivative of hess_grads (their difference is exactly zero).
-                grads = {n: g.detach() + hess_grads[n] - hess_grads[n].detach() for n, g in grads.items()}
+                grads = {
+                    n: g.detach() + hess_grads[n] - hess_grads[n].detach() for n, g in grads.items()
+                }
             if keep_points:
                 trajectory.points.append(params)
             params = axpy(-inner_lr, grads, params)

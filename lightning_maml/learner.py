@@ -122,7 +122,9 @@ class MetaLearner(LightningModule):
                 f"gradient_clip_algorithm must be 'norm' or 'value', got {gradient_clip_algorithm!r}."
             )
         if eval_inner_steps is not None and (
-            isinstance(eval_inner_steps, bool) or not isinstance(eval_inner_steps, int) or eval_inner_steps < 1
+            isinstance(eval_inner_steps, bool)
+            or not isinstance(eval_inner_steps, int)
+            or eval_inner_steps < 1
         ):
             raise ValueError(f"eval_inner_steps must be an integer >= 1, got {eval_inner_steps!r}.")
 
@@ -136,7 +138,11 @@ class MetaLearner(LightningModule):
         self.gradient_clip_algorithm = gradient_clip_algorithm
         self.eval_inner_steps = eval_inner_steps
         self.eval_metrics = nn.ModuleDict(
-            {f"{stage}_{name}": MeanWithCI() for stage in ("val", "test") for name in ("loss", "accuracy")}
+            {
+                f"{stage}_{name}": MeanWithCI()
+                for stage in ("val", "test")
+                for name in ("loss", "accuracy")
+            }
         )
         #: The last training step's :class:`MetaStep` (statistics for callbacks).
         self.last_meta_step: MetaStep | None = None
@@ -159,11 +165,8 @@ class MetaLearner(LightningModule):
         # Fail before the first step on a model or datamodule the algorithm cannot use.
         self.algorithm.check_model(self.model)
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
-        if (
-            self.algorithm.needs_hessian_batch
-            and datamodule is not None
-            and getattr(datamodule, "hessian_shots", None) == 0
-        ):
+        hessian_shots = getattr(datamodule, "hparams", {}).get("hessian_shots")
+        if self.algorithm.needs_hessian_batch and hessian_shots == 0:
             raise ValueError(
                 f"{type(self.algorithm).__name__}(hessian_batch='independent') needs a Hessian "
                 "set D_h per task, but the datamodule has hessian_shots=0: set hessian_shots > 0 "
@@ -175,7 +178,10 @@ class MetaLearner(LightningModule):
         if self.lr_scheduler is None:
             return optimizer
         scheduler = self.lr_scheduler(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
@@ -256,7 +262,9 @@ class MetaLearner(LightningModule):
         accuracy = self._accuracy(result, batch)
         if accuracy is not None:
             self.eval_metrics[f"{stage}_accuracy"].update(accuracy)
-        self.log(f"{stage}/loss_before", result.loss_before, batch_size=batch.num_tasks, sync_dist=True)
+        self.log(
+            f"{stage}/loss_before", result.loss_before, batch_size=batch.num_tasks, sync_dist=True
+        )
 
     def _eval_epoch_end(self, stage: str) -> None:
         for name in ("loss", "accuracy"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor, nn
 
@@ -25,7 +27,7 @@ class MLP(nn.Sequential):
             raise ValueError("MLP sizes must all be >= 1.")
         widths = [in_features] + [hidden] * depth
         layers: list[nn.Module] = []
-        for a, b in zip(widths[:-1], widths[1:], strict=True):
+        for a, b in itertools.pairwise(widths):
             layers += [nn.Linear(a, b), nn.ReLU()]
         super().__init__(*layers, nn.Linear(widths[-1], out_features))
 

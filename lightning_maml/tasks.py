@@ -74,7 +74,9 @@ class TaskBatch:
 
     def named_tensors(self) -> dict[str, Tensor]:
         """The tensors that are present, by field name."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        return {
+            f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None
+        }
 
     @property
     def num_tasks(self) -> int:
@@ -94,11 +96,15 @@ class TaskBatch:
 
     def chunks(self, size: int) -> list[TaskBatch]:
         """Consecutive sub-batches of at most ``size`` tasks."""
-        return [self.narrow(s, min(size, self.num_tasks - s)) for s in range(0, self.num_tasks, size)]
+        return [
+            self.narrow(s, min(size, self.num_tasks - s)) for s in range(0, self.num_tasks, size)
+        ]
 
     def to(self, *args, **kwargs) -> TaskBatch:
         """Moves or casts every tensor, as :meth:`torch.Tensor.to`."""
-        return TaskBatch(**{name: t.to(*args, **kwargs) for name, t in self.named_tensors().items()})
+        return TaskBatch(
+            **{name: t.to(*args, **kwargs) for name, t in self.named_tensors().items()}
+        )
 
     def clone(self) -> TaskBatch:
         """A copy with fresh storage (turns inference-mode tensors into ordinary ones)."""

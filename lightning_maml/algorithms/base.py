@@ -181,7 +181,9 @@ class MetaAlgorithm:
         for chunk in tasks.chunks(size):
             grads, chunk_stats = per_chunk(task, params, chunk.named_tensors())
             if grads is not None:
-                grad_sums = grads if grad_sums is None else {n: grad_sums[n] + g for n, g in grads.items()}
+                grad_sums = (
+                    grads if grad_sums is None else {n: grad_sums[n] + g for n, g in grads.items()}
+                )
             stats.append(chunk_stats)
         merged = {k: torch.cat([s[k] for s in stats]) for k in stats[0]}
         if grad_sums is not None:

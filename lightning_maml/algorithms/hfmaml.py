@@ -84,10 +84,14 @@ class HFMAML(MetaAlgorithm):
                     f"HFMAML delta must be a positive number or 'theory', got {delta!r}."
                 )
             if rho is not None:
-                raise ValueError("rho is used only with delta='theory'; drop rho or set delta='theory'.")
+                raise ValueError(
+                    "rho is used only with delta='theory'; drop rho or set delta='theory'."
+                )
         else:
             if rho is not None:
-                raise ValueError("rho is used only with delta='theory'; drop rho or set delta='theory'.")
+                raise ValueError(
+                    "rho is used only with delta='theory'; drop rho or set delta='theory'."
+                )
             if delta_scale is None:
                 delta_scale = DEFAULT_DELTA_SCALE
             if not delta_scale > 0:

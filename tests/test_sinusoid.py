@@ -1,0 +1,112 @@
+"""SinusoidDataModule: shapes, seeding, rank and worker splits, fixed evaluation sets."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from datamodules import SinusoidDataModule
+from datamodules.base import TrainTaskStream
+from lightning_maml import TaskBatch
+
+
+def stream(dm: SinusoidDataModule, rank: int = 0, world_size: int = 1, start: int = 0):
+    return TrainTaskStream(
+        dm.task_sampler("train"), dm.meta_batch_size, dm.seed, start, rank, world_size
+    )
+
+
+def assert_same(a: TaskBatch, b: TaskBatch) -> None:
+    for name, tensor in a.named_tensors().items():
+        assert torch.equal(tensor, b.named_tensors()[name]), name
+
+
+def test_shapes_and_ranges():
+    dm = SinusoidDataModule(shots=5, query_shots=7, hessian_shots=3, meta_batch_size=4)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.support_x.shape == (4, 5, 1) and batch.support_y.shape == (4, 5, 1)
+    assert batch.query_x.shape == (4, 7, 1) and batch.hessian_x.shape == (4, 3, 1)
+    assert batch.support_x.abs().max() <= 5.0
+    assert batch.support_y.abs().max() <= 5.0
+    assert not SinusoidDataModule(hessian_shots=0).eval_set("val")[0].has_hessian
+
+
+def test_each_task_is_one_sinusoid_across_its_sets():
+    dm = SinusoidDataModule(shots=4, query_shots=4, hessian_shots=4, meta_batch_size=2)
+    batch = stream(dm).batch(0)
+    for t in range(2):
+        x = torch.cat([batch.support_x[t], batch.query_x[t], batch.hessian_x[t]]).squeeze(-1)
+        y = torch.cat([batch.support_y[t], batch.query_y[t], batch.hessian_y[t]]).squeeze(-1)
+        # Fit y = a sin x + b cos x by least squares: a single sinusoid fits exactly.
+        basis = torch.stack([torch.sin(x), torch.cos(x)], 1).double()
+        coef = torch.linalg.lstsq(basis, y.double().unsqueeze(1)).solution
+        assert torch.allclose(basis @ coef, y.double().unsqueeze(1), atol=1e-5)
+        amplitude = coef.norm().item()
+        assert 0.1 <= amplitude <= 5.0
+
+
+def test_same_seed_same_tasks_other_seed_other_tasks():
+    a, b = stream(SinusoidDataModule(seed=3)), stream(SinusoidDataModule(seed=3))
+    assert_same(a.batch(7), b.batch(7))
+    c = stream(SinusoidDataModule(seed=4))
+    assert not torch.equal(a.batch(7).support_x, c.batch(7).support_x)
+    assert not torch.equal(a.batch(7).support_x, a.batch(8).support_x)
+
+
+def test_ranks_draw_disjoint_parts_of_the_global_meta_batch():
+    dm = SinusoidDataModule(meta_batch_size=6)
+    whole = stream(dm).batch(5)
+    parts = [stream(dm, rank=r, world_size=2).batch(5) for r in range(2)]
+    assert parts[0].num_tasks == parts[1].num_tasks == 3
+    assert not torch.equal(parts[0].support_x, parts[1].support_x)
+    assert_same(TaskBatch.stack(parts), whole)
+
+
+def test_workers_keep_the_stream_order():
+    dm = SinusoidDataModule(meta_batch_size=2)
+    direct = [stream(dm).batch(s) for s in range(4)]
+    loader = DataLoader(stream(dm), batch_size=None, num_workers=2)
+    for expected, got in zip(direct, loader, strict=False):
+        assert_same(expected, got)
+
+
+def test_stream_starts_at_the_restored_step():
+    dm = SinusoidDataModule(meta_batch_size=2)
+    assert_same(next(iter(stream(dm, start=11))), stream(dm).batch(11))
+
+
+def test_evaluation_sets_are_fixed_and_cover_every_task():
+    dm = SinusoidDataModule(meta_batch_size=4, num_test_tasks=10)
+    test = dm.eval_set("test")
+    assert len(test) == math.ceil(10 / 4)
+    assert sum(test[i].num_tasks for i in range(len(test))) == 10
+    assert_same(
+        test[1], SinusoidDataModule(meta_batch_size=4, num_test_tasks=10).eval_set("test")[1]
+    )
+    assert not torch.equal(dm.eval_set("val")[0].support_x, test[0].support_x)
+    with pytest.raises(IndexError):
+        test[len(test)]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"shots": 0}, "shots must be an integer >= 1"),
+        ({"query_shots": 0}, "query_shots must be an integer >= 1"),
+        ({"hessian_shots": -1}, "hessian_shots must be an integer >= 0"),
+        ({"meta_batch_size": 0}, "meta_batch_size must be a positive integer"),
+        ({"amplitude_range": (5.0, 0.1)}, "amplitude_range must be"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SinusoidDataModule(**kwargs)
+
+
+def test_meta_batch_must_divide_over_processes():
+    dm = SinusoidDataModule(meta_batch_size=5)
+    with pytest.raises(ValueError, match="must divide evenly over 2 processes"):
+        stream(dm, rank=0, world_size=2)
