@@ -61,9 +61,9 @@ def _check_positive_int(name: str, value: int) -> None:
 class MetaAlgorithm:
     """The shared part of MAML, FO-MAML and HF-MAML.
 
-    A variant implements one piece, :meth:`task_meta_gradient` (or, for MAML,
-    :meth:`chunk_meta_gradient`); this class validates the inputs, splits the meta-batch into
-    chunks of ``task_chunk_size`` tasks, ``vmap`` s each chunk and averages the results.
+    A variant implements one piece, :meth:`task_meta_gradient` (one task's meta-gradient as a
+    pure function of the parameters); this class validates the inputs, splits the meta-batch
+    into chunks of ``task_chunk_size`` tasks, ``vmap`` s each chunk and averages the results.
 
     Args:
         inner_lr: The inner (adaptation) step size alpha; must be > 0.
