@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from datamodules import SinusoidDataModule
 from lightning_maml import FOMAML, HFMAML, MAML, MetaLearner
@@ -24,22 +25,34 @@ class SaveParameters(L.Callback):
         torch.save(state, self.directory / f"rank{trainer.global_rank}.pt")
 
 
-def fit(algorithm, directory, devices: int) -> None:
+class SaveFirstBatch(L.Callback):
+    """Each rank writes the first support batch it trained on."""
+
+    def __init__(self, directory) -> None:
+        self.directory = directory
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            torch.save(batch.support_x, self.directory / f"batch{trainer.global_rank}.pt")
+
+
+def fit(algorithm, directory, devices: int, max_steps: int = 8, ckpt_path=None, callbacks=()):
     L.seed_everything(0)
     learner = MetaLearner(MLP(hidden=16), algorithm, "mse")
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,
         strategy="ddp_spawn" if devices > 1 else "auto",
-        max_steps=8,
+        max_steps=max_steps,
         limit_val_batches=0,
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[SaveParameters(directory)],
+        callbacks=[SaveParameters(directory), SaveFirstBatch(directory), *callbacks],
     )
-    trainer.fit(learner, datamodule=SinusoidDataModule(meta_batch_size=6, hessian_shots=5))
+    data = SinusoidDataModule(meta_batch_size=6, hessian_shots=5)
+    trainer.fit(learner, datamodule=data, ckpt_path=ckpt_path)
 
 
 @pytest.mark.parametrize(
@@ -62,3 +75,27 @@ def test_two_ranks_match_one_process(algorithm, tmp_path):
         torch.testing.assert_close(value, single[name], rtol=0, atol=1e-5)
     # Training moved the parameters well beyond the tolerance used above.
     assert max((single[n] - p).abs().max() for n, p in initial.items()) > 1e-3
+
+
+def test_ranks_draw_different_tasks(tmp_path):
+    fit(FOMAML(0.05), tmp_path, devices=2, max_steps=1)
+    first, second = (torch.load(tmp_path / f"batch{r}.pt") for r in range(2))
+    assert first.shape == second.shape == (3, 10, 1)
+    assert not torch.equal(first, second)
+
+
+def test_checkpoint_taken_under_ddp_resumes_on_one_and_two_processes(tmp_path):
+    algorithm = HFMAML(0.05, 2)
+    for name in ["ddp", "two", "one"]:
+        (tmp_path / name).mkdir()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    fit(algorithm, tmp_path / "ddp", devices=2, max_steps=6, callbacks=[checkpoint])
+    middle = tmp_path / "ckpt" / "epoch=0-step=3.ckpt"
+    fit(algorithm, tmp_path / "two", devices=2, max_steps=6, ckpt_path=middle)
+    fit(algorithm, tmp_path / "one", devices=1, max_steps=6, ckpt_path=middle)
+    uninterrupted = torch.load(tmp_path / "ddp" / "rank0.pt")
+    for name in ["two", "one"]:
+        resumed = torch.load(tmp_path / name / "rank0.pt")
+        for key, value in uninterrupted.items():
+            # One process sees the union of the two ranks' tasks: equal up to rounding.
+            torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6)
