@@ -92,7 +92,9 @@ class TrainTaskStream(IterableDataset):
         first = self.rank * local
         return stack_tasks(
             [
-                self.sampler(np.random.default_rng([self.seed, SPLIT_IDS["train"], step, t]), "train")
+                self.sampler(
+                    np.random.default_rng([self.seed, SPLIT_IDS["train"], step, t]), "train"
+                )
                 for t in range(first, first + local)
             ]
         )
@@ -107,41 +109,65 @@ class TrainTaskStream(IterableDataset):
             step += workers
 
 
-class EvalTaskSet(Dataset):
+class EvalTaskSet(IterableDataset):
     """A fixed, seeded set of evaluation tasks, served in meta-batches.
+
+    Under DDP, rank ``r`` of ``W`` takes tasks ``r, r + W, r + 2W, ...`` and batches them, so
+    every task is evaluated exactly once, without the duplicates that a padded
+    ``DistributedSampler`` would add to the mean and its confidence interval. Iteration splits
+    this rank's batches further over loader workers; ``task_set[j]`` is this rank's batch ``j``.
 
     Args:
         sampler: Draws one task.
         split: ``"val"`` or ``"test"``.
-        num_tasks: The number of tasks in the set.
+        num_tasks: The number of tasks in the whole set.
         meta_batch_size: Tasks per batch (the last batch may be smaller).
         seed: The data seed.
+        rank: This process's rank.
+        world_size: The number of processes sharing the set.
     """
 
     def __init__(
-        self, sampler: TaskSampler, split: str, num_tasks: int, meta_batch_size: int, seed: int
+        self,
+        sampler: TaskSampler,
+        split: str,
+        num_tasks: int,
+        meta_batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
+        if num_tasks < world_size:
+            raise ValueError(
+                f"The {split} set has {num_tasks} tasks, fewer than the {world_size} processes "
+                f"that share it: set num_{split}_tasks >= {world_size}."
+            )
         self.sampler = sampler
         self.split = split
-        self.num_tasks = num_tasks
+        self.tasks = range(rank, num_tasks, world_size)
         self.meta_batch_size = meta_batch_size
         self.seed = seed
 
     def __len__(self) -> int:
-        return math.ceil(self.num_tasks / self.meta_batch_size)
+        return math.ceil(len(self.tasks) / self.meta_batch_size)
 
     def __getitem__(self, index: int) -> TaskBatch:
         if not 0 <= index < len(self):
             raise IndexError(f"batch {index} of an evaluation set of {len(self)} batches")
-        first = index * self.meta_batch_size
-        last = min(first + self.meta_batch_size, self.num_tasks)
         split_id = SPLIT_IDS[self.split]
+        first = index * self.meta_batch_size
         return stack_tasks(
             [
                 self.sampler(np.random.default_rng([self.seed, split_id, i]), self.split)
-                for i in range(first, last)
+                for i in self.tasks[first : first + self.meta_batch_size]
             ]
         )
+
+    def __iter__(self) -> Iterator[TaskBatch]:
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        for index in range(worker, len(self), workers):
+            yield self[index]
 
 
 def _positive(name: str, value: int) -> None:
@@ -225,10 +251,17 @@ class MetaDataModule(LightningDataModule):
         return self._loader(stream)
 
     def eval_set(self, split: str) -> EvalTaskSet:
-        """The fixed task set of ``split`` (``"val"`` or ``"test"``)."""
+        """The fixed task set of ``split`` (``"val"`` or ``"test"``), this rank's share when iterated."""
         num = self.num_val_tasks if split == "val" else self.num_test_tasks
+        _, rank, world_size = self._placement()
         return EvalTaskSet(
-            self.task_sampler(split), split, num, self.eval_meta_batch_size, self.seed
+            self.task_sampler(split),
+            split,
+            num,
+            self.eval_meta_batch_size,
+            self.seed,
+            rank,
+            world_size,
         )
 
     def val_dataloader(self) -> DataLoader:

@@ -269,11 +269,15 @@ class MetaLearner(LightningModule):
     def _eval_epoch_end(self, stage: str) -> None:
         for name in ("loss", "accuracy"):
             metric = self.eval_metrics[f"{stage}_{name}"]
-            if metric.update_called:
+            # Every rank computes (a collective under DDP), also one that had no batch to
+            # evaluate; the reduced result, the same on every rank, decides what is logged.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*was called before the ``update``")
                 mean, ci95 = metric.compute()
+            metric.reset()
+            if torch.isfinite(mean):
                 self.log(f"{stage}/{name}", mean.float(), prog_bar=True)
                 self.log(f"{stage}/{name}_ci95", ci95.float())
-            metric.reset()
 
     def validation_step(self, batch: TaskBatch, batch_idx: int) -> None:
         self._eval_step(batch, "val")

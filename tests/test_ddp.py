@@ -99,3 +99,25 @@ def test_checkpoint_taken_under_ddp_resumes_on_one_and_two_processes(tmp_path):
         for key, value in uninterrupted.items():
             # One process sees the union of the two ranks' tasks: equal up to rounding.
             torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_val_tasks", [10, 3], ids=["uneven", "one-batch"])
+def test_validation_metrics_reduce_over_ranks_without_duplicates(num_val_tasks):
+    results = {}
+    for devices in [1, 2]:
+        L.seed_everything(0)
+        learner = MetaLearner(MLP(hidden=16), MAML(0.05), "mse", eval_inner_steps=3)
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=devices,
+            strategy="ddp_spawn" if devices > 1 else "auto",
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        data = SinusoidDataModule(num_val_tasks=num_val_tasks, eval_meta_batch_size=4)
+        results[devices] = trainer.validate(learner, datamodule=data, verbose=False)[0]
+    # 10 tasks give each rank 5 (batches of 4 and 1); 3 tasks give the ranks 2 and 1, fewer
+    # than one batch. Either way the reduced mean and interval are one process's over all tasks.
+    for key in ["val/loss", "val/loss_ci95"]:
+        assert results[2][key] == pytest.approx(results[1][key], rel=1e-5)

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from datamodules import SinusoidDataModule
-from datamodules.base import TrainTaskStream
+from datamodules.base import EvalTaskSet, TrainTaskStream
 from lightning_maml import TaskBatch
 
 
@@ -82,13 +82,29 @@ def test_evaluation_sets_are_fixed_and_cover_every_task():
     dm = SinusoidDataModule(meta_batch_size=4, num_test_tasks=10)
     test = dm.eval_set("test")
     assert len(test) == math.ceil(10 / 4)
-    assert sum(test[i].num_tasks for i in range(len(test))) == 10
-    assert_same(
-        test[1], SinusoidDataModule(meta_batch_size=4, num_test_tasks=10).eval_set("test")[1]
-    )
+    assert sum(batch.num_tasks for batch in test) == 10
+    again = SinusoidDataModule(meta_batch_size=4, num_test_tasks=10).eval_set("test")
+    assert_same(test[1], again[1])
     assert not torch.equal(dm.eval_set("val")[0].support_x, test[0].support_x)
     with pytest.raises(IndexError):
         test[len(test)]
+
+
+def test_ranks_share_the_evaluation_set_without_duplicates():
+    dm = SinusoidDataModule(meta_batch_size=4, num_test_tasks=18)
+    whole = torch.cat([b.support_x for b in dm.eval_set("test")])
+    shares = [
+        list(EvalTaskSet(dm.task_sampler("test"), "test", 18, 4, dm.seed, rank, 2))
+        for rank in range(2)
+    ]
+    assert [len(s) for s in shares] == [3, 3]
+    seen = torch.cat([b.support_x for share in shares for b in share])
+    assert seen.shape[0] == 18
+    # The union is the whole set, each task once.
+    assert torch.equal(seen.flatten(1).sort(0).values, whole.flatten(1).sort(0).values)
+    assert torch.unique(seen.flatten(1), dim=0).shape[0] == 18
+    with pytest.raises(ValueError, match="set num_test_tasks >= 2"):
+        EvalTaskSet(dm.task_sampler("test"), "test", 1, 4, dm.seed, 0, 2)
 
 
 @pytest.mark.parametrize(
