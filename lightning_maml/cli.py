@@ -11,13 +11,18 @@ from __future__ import annotations
 import importlib
 import netrc
 import os
+import socket
 import sys
+import threading
 from pathlib import Path
+from urllib.parse import urlsplit
+from urllib.request import getproxies, proxy_bypass
 
-from lightning.pytorch import LightningDataModule
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
 
 from lightning_maml.learner import MetaLearner
 
@@ -31,12 +36,51 @@ TOOLS: dict[str, str] = {
 }
 
 
+class RunConfigToWandb(SaveConfigCallback):
+    """Saves the config as LightningCLI does, and gives every W&B run what compares runs.
+
+    The module's hyper-parameters reach W&B on their own (``model``, ``algorithm`` with its
+    ``class_path`` and ``init_args``, ``loss``, ...). This adds ``variant`` (the algorithm's class
+    name, the same whether it was given as ``lightning_maml.MAML`` or by its full path),
+    ``seed_everything`` and the ``trainer`` settings to the run config, the variant (lower case)
+    to the run's tags, and the run's own copy of the config file to its files: with
+    ``save_dir`` shared by many runs, the copy in ``save_dir`` is the last run's.
+    """
+
+    @override
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        algorithm = getattr(pl_module, "algorithm", None)
+        variant = type(algorithm).__name__ if algorithm is not None else None
+        config = self.config.as_dict()
+        settings = {
+            k: v for k, v in config.get("trainer", {}).items() if k not in ("logger", "callbacks")
+        }
+        for logger in trainer.loggers:
+            if not isinstance(logger, WandbLogger):
+                continue
+            run = logger.experiment
+            run.config.update(
+                {
+                    "variant": variant,
+                    "seed_everything": config.get("seed_everything"),
+                    "trainer": settings,
+                },
+                allow_val_change=True,
+            )
+            if variant is not None and variant.lower() not in run.tags:
+                run.tags = (*run.tags, variant.lower())
+            path = Path(run.dir) / self.config_filename
+            self.parser.save(self.config, path, skip_none=False, overwrite=True, multifile=False)
+            run.save(str(path), base_path=run.dir, policy="now")
+
+
 class MetaCLI(LightningCLI):
     """LightningCLI for :class:`MetaLearner` and any task datamodule (``data.class_path``)."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("save_config_callback", RunConfigToWandb)
         kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(MetaLearner, LightningDataModule, *args, **kwargs)
 
@@ -50,26 +94,80 @@ class MetaCLI(LightningCLI):
         finish_wandb_runs(self.trainer)
 
 
-def wandb_credentials_present() -> bool:
-    """Whether W&B could log in without asking: an API key in the environment or in ~/.netrc."""
-    if os.environ.get("WANDB_API_KEY"):
+def wandb_base_url() -> str:
+    """The W&B server the SDK talks to: ``WANDB_BASE_URL`` or the SDK's default."""
+    import wandb
+
+    return os.environ.get("WANDB_BASE_URL") or wandb.Settings().base_url
+
+
+def wandb_credentials_present(base_url: str | None = None) -> bool:
+    """Whether W&B could log in without asking: a key in the environment or in the netrc file.
+
+    Args:
+        base_url: The W&B server (default: :func:`wandb_base_url`).
+    """
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
+    hosts = {urlsplit(base_url or wandb_base_url()).hostname}
+    if not os.environ.get("WANDB_BASE_URL"):
+        # The SDK's default server has gone by two names; a key saved under either one works.
+        hosts.add("api.wandb.ai")
+    # An explicit path, as W&B reads it: the default one would also fail on loose permissions.
+    path = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
     try:
-        host = netrc.netrc().authenticators("api.wandb.ai")
-    except (FileNotFoundError, netrc.NetrcParseError):
+        keys = netrc.netrc(path)
+    except (OSError, netrc.NetrcParseError):
         return False
-    return host is not None
+    return any(keys.authenticators(host) for host in hosts if host)
+
+
+def wandb_reachable(base_url: str | None = None, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the W&B server (or the proxy in front of it) opens in time.
+
+    Without this, a run that has a key but no network waits about two minutes in ``wandb.init``
+    and then fails.
+    """
+    url = urlsplit(base_url or wandb_base_url())
+    address = (url.hostname, url.port or (443 if url.scheme == "https" else 80))
+    proxy = getproxies().get(url.scheme)
+    if proxy and not proxy_bypass(url.hostname or ""):
+        proxy_url = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        address = (proxy_url.hostname, proxy_url.port or 80)
+    connected: list[bool] = []
+
+    def connect() -> None:
+        try:
+            with socket.create_connection(address, timeout=timeout):
+                connected.append(True)
+        except OSError:
+            pass
+
+    # The name lookup ignores socket timeouts, so the whole attempt runs in a thread we wait on.
+    attempt = threading.Thread(target=connect, daemon=True)
+    attempt.start()
+    attempt.join(timeout)
+    return bool(connected)
 
 
 def default_wandb_offline() -> bool:
-    """Sets ``WANDB_MODE=offline`` when no mode is chosen and no credentials exist.
+    """Sets ``WANDB_MODE=offline`` when no mode is chosen and W&B could not log in right now.
 
-    W&B would otherwise prompt for a key (or wait on the network); offline it writes a local run
-    that ``wandb sync`` uploads later. Returns whether offline mode was chosen here.
+    That is: no credentials (W&B would prompt for a key, or fail without a terminal), or a
+    server that does not answer (W&B would wait, then fail). Offline, W&B writes a local run that
+    ``wandb sync`` uploads later. Returns whether offline mode was chosen here.
     """
-    if os.environ.get("WANDB_MODE") or wandb_credentials_present():
+    if os.environ.get("WANDB_MODE"):
+        return False
+    base_url = wandb_base_url()
+    if not wandb_credentials_present(base_url):
+        reason = "no W&B API key found"
+    elif not wandb_reachable(base_url):
+        reason = f"the W&B server {urlsplit(base_url).hostname} does not answer"
+    else:
         return False
     os.environ["WANDB_MODE"] = "offline"
+    rank_zero_info(f"{reason}: W&B logs offline (set WANDB_MODE to choose).")
     return True
 
 
@@ -83,7 +181,7 @@ def finish_wandb_runs(trainer) -> None:
         if not isinstance(logger, WandbLogger) or trainer.global_rank != 0:
             continue
         run = logger.experiment
-        if run.settings.mode == "offline":
+        if run.offline:  # "offline", or "dryrun" as WandbLogger(offline=True) sets it
             run_dir = Path(run.dir).parent
             rank_zero_info(f"W&B run saved offline; upload it with:\n  wandb sync {run_dir}")
         run.finish()
@@ -91,11 +189,12 @@ def finish_wandb_runs(trainer) -> None:
 
 def main(argv: list[str] | None = None) -> int | None:
     """Entry point of the ``lightning-maml`` console script."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in TOOLS:
-        module, function = TOOLS[argv[0]].split(":")
-        return getattr(importlib.import_module(module), function)(argv[1:])
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in TOOLS:
+        module, function = TOOLS[args[0]].split(":")
+        return getattr(importlib.import_module(module), function)(args[1:])
     default_wandb_offline()
+    # None lets LightningCLI read sys.argv itself (given both, it warns).
     MetaCLI(args=argv)
     return None
 

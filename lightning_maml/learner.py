@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 
 from lightning_maml.algorithms.base import Evaluation, MetaAlgorithm, MetaStep
 from lightning_maml.metrics import MeanWithCI, task_accuracy
@@ -144,6 +145,11 @@ class MetaLearner(LightningModule):
                 for name in ("loss", "accuracy")
             }
         )
+        # The mean pre-adaptation loss, weighted by tasks. Not self.log(sync_dist=True): that
+        # averages the ranks' task counts in integer arithmetic, wrong whenever their total is
+        # not a multiple of the number of ranks.
+        for stage in ("val", "test"):
+            self.eval_metrics[f"{stage}_loss_before"] = MeanMetric()
         #: The last training step's :class:`MetaStep` (statistics for callbacks).
         self.last_meta_step: MetaStep | None = None
         #: The last evaluation batch's :class:`Evaluation`.
@@ -162,6 +168,10 @@ class MetaLearner(LightningModule):
     # -- set-up ----------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
+        # Under ddp_spawn the metric states reach every rank in one shared-memory block, which
+        # in-place updates would write for all ranks; reset gives each rank its own.
+        for metric in self.eval_metrics.values():
+            metric.reset()
         # Fail before the first step on a model or datamodule the algorithm cannot use.
         self.algorithm.check_model(self.model)
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
@@ -262,9 +272,7 @@ class MetaLearner(LightningModule):
         accuracy = self._accuracy(result, batch)
         if accuracy is not None:
             self.eval_metrics[f"{stage}_accuracy"].update(accuracy)
-        self.log(
-            f"{stage}/loss_before", result.loss_before, batch_size=batch.num_tasks, sync_dist=True
-        )
+        self.eval_metrics[f"{stage}_loss_before"].update(result.loss_before, batch.num_tasks)
 
     def _eval_epoch_end(self, stage: str) -> None:
         for name in ("loss", "accuracy"):
@@ -278,6 +286,13 @@ class MetaLearner(LightningModule):
             if torch.isfinite(mean):
                 self.log(f"{stage}/{name}", mean.float(), prog_bar=True)
                 self.log(f"{stage}/{name}_ci95", ci95.float())
+        before = self.eval_metrics[f"{stage}_loss_before"]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*was called before the ``update``")
+            mean = before.compute()
+        before.reset()
+        if torch.isfinite(mean):
+            self.log(f"{stage}/loss_before", mean.float())
 
     def validation_step(self, batch: TaskBatch, batch_idx: int) -> None:
         self._eval_step(batch, "val")

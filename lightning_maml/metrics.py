@@ -42,7 +42,8 @@ class MeanWithCI(Metric):
     """Accumulates per-task values; ``compute()`` gives ``(mean, ci95 half-width)``.
 
     The state is three sums reduced by addition, so the result is the same on one process and
-    over DDP ranks that each saw part of the tasks.
+    over DDP ranks that each saw part of the tasks, in equal shares or not. With fewer than two
+    values the half-width is NaN (and with none, the mean too).
     """
 
     full_state_update = False
@@ -55,9 +56,11 @@ class MeanWithCI(Metric):
 
     def update(self, values: Tensor) -> None:
         values = values.detach().double().flatten()
-        self.total += values.sum()
-        self.total_sq += (values**2).sum()
-        self.count += values.numel()
+        # Out of place: under ddp_spawn the module reaches every rank pickled, its initial states
+        # in one shared-memory block, so an in-place add would also add to the other ranks' sums.
+        self.total = self.total + values.sum()
+        self.total_sq = self.total_sq + (values**2).sum()
+        self.count = self.count + values.numel()
 
     def compute(self) -> tuple[Tensor, Tensor]:
         if self.count < 2:

@@ -1,0 +1,101 @@
+"""``lightning-maml plot``: PNGs from CSV-logged runs, and clear errors for what is not a run."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+from lightning.pytorch.loggers import CSVLogger
+from matplotlib.image import imread
+
+from datamodules import SinusoidDataModule
+from lightning_maml import FOMAML, MetaLearner
+from lightning_maml.callbacks import GradNormMonitor
+from lightning_maml.cli import main
+from lightning_maml.models import MLP
+from lightning_maml.plot import DEFAULT_KEYS, load_run
+
+
+@pytest.fixture(scope="module")
+def csv_run(tmp_path_factory):
+    """A CSV-logged fit of 4 meta-steps with validation at steps 2 and 4."""
+    directory = tmp_path_factory.mktemp("csv")
+    trainer = L.Trainer(
+        max_steps=4,
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=CSVLogger(directory, name="sinusoid"),
+        log_every_n_steps=1,
+        callbacks=[GradNormMonitor(group_by="layer")],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    data = SinusoidDataModule(meta_batch_size=2, shots=5, query_shots=5, num_val_tasks=4)
+    trainer.fit(MetaLearner(MLP(hidden=8), FOMAML(0.01)), datamodule=data)
+    return directory / "sinusoid" / "version_0"
+
+
+def test_plot_writes_a_png_from_a_csv_logged_run(csv_run, tmp_path, capsys):
+    png = tmp_path / "out" / "curves.png"
+    assert main(["plot", str(csv_run), "--output", str(png)]) == 0
+    assert png.stat().st_size > 1000
+    height, width, _ = imread(png).shape
+    assert height > 100 and width > 100
+    assert "Wrote" in capsys.readouterr().out
+
+
+def test_the_run_reads_back_with_its_steps(csv_run):
+    run = load_run(csv_run / "metrics.csv")
+    assert run.label == "sinusoid/version_0"
+    assert run.series["train/loss"][0] == [0, 1, 2, 3]
+    assert run.series["val/loss"][0] == [1, 3]
+    assert {"train/loss", "val/loss", "train/grad_norm", "grad_norm/meta"} <= set(run.series)
+    assert "step" not in run.series and "epoch" not in run.series
+    assert set(DEFAULT_KEYS) - set(run.series) == {"train/accuracy", "val/accuracy"}
+
+
+def test_several_runs_and_chosen_series(csv_run, tmp_path):
+    png = tmp_path / "compare.png"
+    argv = ["plot", str(csv_run), str(csv_run / "metrics.csv"), "-o", str(png)]
+    assert main([*argv, "--keys", "grad_norm/*", "loss/query_after", "--yscale", "log"]) == 0
+    assert png.read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda d: d / "missing", "missing does not exist"),
+        (lambda d: d, "is not a run: pass a CSVLogger run directory"),
+        (lambda d: _write(d / "other.csv", "a,b\n1,2\n"), "no 'step' column"),
+        (lambda d: _write(d / "run-x.wandb", "not a log"), "not a W&B run file"),
+    ],
+    ids=["missing", "empty-dir", "foreign-csv", "foreign-wandb"],
+)
+def test_what_is_not_a_run_gets_a_clear_error(make, match, tmp_path, capsys):
+    path = make(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plot", str(path), "-o", str(tmp_path / "x.png")])
+    assert exit_info.value.code == 2
+    assert match in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_a_directory_above_runs_names_them(csv_run, capsys):
+    with pytest.raises(SystemExit):
+        main(["plot", str(csv_run.parent)])
+    assert f"Runs below it: {csv_run}" in capsys.readouterr().err
+
+
+def test_unknown_series_lists_the_logged_ones(csv_run, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["plot", str(csv_run), "--keys", "val/accuracy", "-o", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert "No logged series matches 'val/accuracy'" in err
+    assert "grad_norm/meta/model.0" in err
+
+
+def _write(path, text: str):
+    path.write_text(text)
+    return path
