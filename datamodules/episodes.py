@@ -270,7 +270,7 @@ class EpisodicDataModule(MetaDataModule):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if self.device_tensors and isinstance(batch, TaskBatch):
             batch = self.gather(batch)
-        trainer = self._trainer
+        trainer = self.trainer
         module = None if trainer is None else trainer.lightning_module
         if module is not None:
             # Lightning calls only the datamodule's hook when both define it; keep the model's.

@@ -124,7 +124,7 @@ def _decode(path: Path) -> np.ndarray:
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"cannot decode {path} ({err}).") from err
     if rgb.size != (IMAGE_SIZE, IMAGE_SIZE):
-        rgb = rgb.resize((IMAGE_SIZE, IMAGE_SIZE), Image.LANCZOS)
+        rgb = rgb.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
     return np.asarray(rgb)
 
 

@@ -67,7 +67,9 @@ def _resize(ink: np.ndarray, image_size: int) -> np.ndarray:
     """Resizes an 8-bit ink image (ink = 255) with Lanczos antialiasing."""
     if ink.shape == (image_size, image_size):
         return ink
-    return np.asarray(Image.fromarray(ink).resize((image_size, image_size), Image.LANCZOS))
+    return np.asarray(
+        Image.fromarray(ink).resize((image_size, image_size), Image.Resampling.LANCZOS)
+    )
 
 
 def _sha256(path: Path) -> str:

@@ -171,6 +171,10 @@ class TaskSetDataModule(MetaDataModule):
             meta_batch_size, seed, num_val_tasks, num_test_tasks, eval_meta_batch_size, num_workers
         )
         self.save_hyperparameters(ignore=["train", "val", "test"])
+        self.ways = ways
+        self.shots = shots
+        self.query_shots = query_shots
+        self.hessian_shots = hessian_shots
         self.samplers = {
             split: TaskSetSampler(source, ways, shots, query_shots, hessian_shots)
             for split, source in (("train", train), ("val", val), ("test", test))
