@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, grad_and_value, jvp, vmap
+from torch.func import functional_call, grad, grad_and_value, vmap
 from torch.utils._pytree import tree_map
 
 __all__ = [
@@ -130,10 +130,6 @@ class TaskModel:
                 trajectory.points.append(params)
             params = axpy(-inner_lr, grads, params)
         return params, trajectory
-
-    def hvp(self, params: Params, vector: Params, x: Tensor, y: Tensor) -> Params:
-        """The exact Hessian-vector product ``hess f(params; x, y) @ vector`` (forward-over-reverse)."""
-        return jvp(lambda p: grad(self.loss)(p, x, y), (params,), (vector,))[1]
 
 
 def finite_difference_hvp(
