@@ -3,6 +3,7 @@
 from datamodules.base import MetaDataModule, Task, TaskSampler
 from datamodules.cifar import CIFARFSDataModule, FC100DataModule
 from datamodules.episodes import EpisodeSampler, EpisodicDataModule
+from datamodules.linear_tasks import LinearTasks, LinearTasksDataModule
 from datamodules.miniimagenet import MiniImageNetDataModule
 from datamodules.omniglot import OmniglotDataModule
 from datamodules.sinusoid import SinusoidDataModule, SinusoidTasks
@@ -13,6 +14,8 @@ __all__ = [
     "EpisodeSampler",
     "EpisodicDataModule",
     "FC100DataModule",
+    "LinearTasks",
+    "LinearTasksDataModule",
     "MetaDataModule",
     "MiniImageNetDataModule",
     "OmniglotDataModule",

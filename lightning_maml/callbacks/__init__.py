@@ -1,0 +1,7 @@
+"""Callbacks that record what a meta-learning run does, for any Lightning logger."""
+
+from lightning_maml.callbacks.grad_norm import GradNormMonitor
+from lightning_maml.callbacks.stationarity import StationarityMonitor
+from lightning_maml.callbacks.theory_step_size import TheoryStepSize
+
+__all__ = ["GradNormMonitor", "StationarityMonitor", "TheoryStepSize"]

@@ -1,0 +1,205 @@
+"""``lightning-maml estimate`` and ``lightning-maml plan``: the theory from the command line.
+
+    lightning-maml estimate --config RECIPE.yaml [--ckpt_path CKPT] [--tasks 100] [--output estimate.json]
+    lightning-maml plan --from estimate.json --eps 0.1
+    lightning-maml plan --L 4 --rho 0 --sigma 6.3 --sigma_tilde 20 --sigma_H 9 --inner_lr 0.025 --eps 0.5
+
+``estimate`` builds the recipe's model and datamodule through the same CLI as ``fit`` (so any
+``--model...`` / ``--data...`` override works, e.g. more ``--data.init_args.query_shots`` for
+tighter per-task estimates), draws tasks from its loader and prints the constants of the
+assumptions at the model's weights. ``plan`` turns constants into batch sizes, step size and
+iteration bound for each variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from pathlib import Path
+
+import torch
+
+from lightning_maml.tasks import TaskBatch
+from lightning_maml.theory.constants import VARIANTS
+from lightning_maml.theory.estimate import ConstantEstimates, estimate_constants
+from lightning_maml.theory.plan import TITLES, Unreachable, format_plan, plan_variant
+
+__all__ = ["estimate_main", "format_estimates", "plan_main"]
+
+#: What each estimate measures, for the printed table.
+EXPLANATIONS = {
+    "L": "largest |eigenvalue| of hess f_i over the tasks (power iteration, {power_iterations} steps)",
+    "rho": "ESTIMATE: max ||hess f_i(w + r e) v - hess f_i(w) v|| / r, r = {rho_radius:g}, "
+    "2 directions per task",
+    "sigma": "spread of task gradients, within-task noise removed",
+    "sigma_tilde": "spread of per-example gradients within a task (root mean over tasks)",
+    "sigma_H": "spread of per-example Hessian-vector products, max over {directions} + 1 directions",
+    "grad_norm": "mean task-gradient norm E_i ||grad f_i(w)||",
+}
+
+
+def _collect_tasks(datamodule, split: str, count: int) -> TaskBatch:
+    """The first ``count`` tasks the datamodule's ``split`` loader yields."""
+    datamodule.prepare_data()
+    datamodule.setup("fit" if split == "train" else "validate")
+    loader = {
+        "train": datamodule.train_dataloader,
+        "val": datamodule.val_dataloader,
+        "test": datamodule.test_dataloader,
+    }[split]()
+    batches, total = [], 0
+    for batch in loader:
+        batches.append(batch)
+        total += batch.num_tasks
+        if total >= count:
+            break
+    tasks = TaskBatch.stack(batches)
+    return tasks.narrow(0, min(count, tasks.num_tasks))
+
+
+def format_estimates(estimates: ConstantEstimates) -> str:
+    """The estimates as an aligned table: name, value, what it measures."""
+    values = estimates.as_dict()
+    rows = [
+        f"{name:<12} {values[name]:<12.5g} {how.format(**values)}"
+        for name, how in EXPLANATIONS.items()
+    ]
+    return "\n".join(
+        [
+            f"at the current weights, on {estimates.tasks} tasks x {estimates.examples} examples",
+            *rows,
+        ]
+    )
+
+
+def estimate_main(argv: list[str]) -> int:
+    """``lightning-maml estimate``: the constants of the assumptions for a recipe.
+
+    Args:
+        argv: The command line after ``estimate``; arguments this command does not know go to
+            the recipe's CLI (``--model...``, ``--data...``).
+
+    Returns:
+        The exit status.
+    """
+    parser = argparse.ArgumentParser(
+        prog="lightning-maml estimate",
+        description="Estimate L, rho, sigma, sigma_tilde and sigma_H (Fallah et al. 2020) at a "
+        "model's weights on a recipe's tasks. Other arguments (--data.init_args.query_shots "
+        "200, ...) override the recipe.",
+    )
+    parser.add_argument("--config", required=True, action="append", help="recipe YAML")
+    parser.add_argument("--ckpt_path", help="checkpoint whose weights to use (default: init)")
+    parser.add_argument("--tasks", type=int, default=100, help="number of tasks (default 100)")
+    parser.add_argument(
+        "--split", choices=["train", "val", "test"], default="train", help="task split"
+    )
+    parser.add_argument("--power_iterations", type=int, default=30)
+    parser.add_argument("--rho_radius", type=float, default=1e-3)
+    parser.add_argument("--directions", type=int, default=4)
+    parser.add_argument("--task_chunk_size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random directions")
+    parser.add_argument("--output", default="estimate.json", help="JSON file to write")
+    args, rest = parser.parse_known_args(argv)
+    if args.tasks < 2:
+        parser.error("--tasks must be at least 2 (spreads need two tasks).")
+
+    # Imported here: the CLI pulls in Lightning's argument machinery, which `plan` never needs.
+    from lightning_maml.cli import MetaCLI
+
+    cli_args = [arg for config in args.config for arg in ("--config", config)]
+    with warnings.catch_warnings():
+        # It warns whenever sys.argv is non-empty; here the arguments are passed on on purpose.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        # No logger: nothing is trained, and W&B would otherwise start a run.
+        cli = MetaCLI(args=[*cli_args, *rest, "--trainer.logger=false"], run=False)
+    learner = cli.model
+    if args.ckpt_path:
+        checkpoint = torch.load(args.ckpt_path, map_location="cpu", weights_only=True)
+        learner.load_state_dict(checkpoint["state_dict"])
+    tasks = _collect_tasks(cli.datamodule, args.split, args.tasks)
+    estimates = estimate_constants(
+        learner.model,
+        learner.loss_fn,
+        tasks,
+        power_iterations=args.power_iterations,
+        rho_radius=args.rho_radius,
+        directions=args.directions,
+        task_chunk_size=args.task_chunk_size,
+        seed=args.seed,
+    )
+    print(format_estimates(estimates))
+    record = {
+        **estimates.as_dict(),
+        "inner_lr": learner.algorithm.inner_lr,
+        "variant": type(learner.algorithm).__name__,
+        "config": args.config,
+        "ckpt_path": args.ckpt_path,
+        "split": args.split,
+    }
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {args.output}")
+    return 0
+
+
+PLAN_INPUTS = ("L", "rho", "sigma", "sigma_tilde", "sigma_H", "inner_lr")
+
+
+def plan_main(argv: list[str]) -> int:
+    """``lightning-maml plan``: batch sizes, step size and iteration bound per variant.
+
+    Args:
+        argv: The command line after ``plan``.
+
+    Returns:
+        0 when every requested variant has a plan, 2 when one was refused (FO-MAML below its
+        floor; the reason is printed).
+    """
+    parser = argparse.ArgumentParser(
+        prog="lightning-maml plan",
+        description="What Fallah et al. 2020's theorems ask for to reach E||grad F|| <= eps.",
+    )
+    parser.add_argument("--from", dest="source", help="JSON written by `lightning-maml estimate`")
+    for name in PLAN_INPUTS:
+        parser.add_argument(f"--{name}", type=float, help=f"{name} (overrides --from)")
+    parser.add_argument("--eps", type=float, required=True, help="target E||grad F|| <= eps")
+    parser.add_argument(
+        "--Delta",
+        type=float,
+        default=1.0,
+        help="F(w_0) - min F for the iteration bound (default 1)",
+    )
+    parser.add_argument(
+        "--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="variants to plan"
+    )
+    args = parser.parse_args(argv)
+
+    values = {}
+    if args.source:
+        record = json.loads(Path(args.source).read_text())
+        values = {name: record[name] for name in PLAN_INPUTS if name in record}
+    values.update(
+        {name: getattr(args, name) for name in PLAN_INPUTS if getattr(args, name) is not None}
+    )
+    missing = [name for name in PLAN_INPUTS if name not in values]
+    if missing:
+        parser.error(
+            f"missing {', '.join('--' + m for m in missing)} (give them or --from a JSON)."
+        )
+
+    print(
+        "inputs: "
+        + ", ".join(f"{name} = {values[name]:.4g}" for name in PLAN_INPUTS)
+        + f", eps = {args.eps:.4g}, Delta = {args.Delta:.4g}"
+    )
+    status = 0
+    for variant in args.variants:
+        print()
+        try:
+            print(format_plan(plan_variant(variant, eps=args.eps, Delta=args.Delta, **values)))
+        except Unreachable as refusal:
+            print(f"{TITLES[variant]}\nREFUSED: {refusal}")
+            status = 2
+    return status

@@ -1,0 +1,111 @@
+"""The theory's adaptive step size ``beta_k = c / L~(w_k)`` (Fallah et al. 2020).
+
+The MAML objective F is only locally smooth, ``||grad F(w) - grad F(u)|| <= L(w) ||w - u||``
+with ``L(w) = 4 L + 2 rho alpha E_i ||grad f_i(w)||``, so the step is set from an estimate of
+``L(w_k)`` on a task batch B' of its own, with data batches D_beta:
+
+    L~(w_k) = 4 L + 2 rho alpha (1 / B') sum_j || grad~f_j(w_k, D_beta^j) ||
+    beta_k  = c / L~(w_k)
+
+with c per variant (:data:`lightning_maml.theory.constants.THEORY`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.func import grad
+
+from lightning_maml.algorithms import FOMAML, HFMAML, MAML, MetaAlgorithm
+from lightning_maml.functional import LossFn, Params, TaskModel, map_tasks, tree_norm
+from lightning_maml.theory.constants import THEORY
+
+__all__ = [
+    "local_smoothness",
+    "step_size_constant",
+    "task_gradient_norms",
+    "theory_step_size",
+    "variant_name",
+]
+
+
+def variant_name(algorithm: MetaAlgorithm) -> str:
+    """The theory's name for an algorithm object: ``"maml"``, ``"fomaml"`` or ``"hfmaml"``.
+
+    Raises:
+        ValueError: For a :class:`MetaAlgorithm` the theory does not cover.
+    """
+    for cls, name in ((HFMAML, "hfmaml"), (FOMAML, "fomaml"), (MAML, "maml")):
+        if isinstance(algorithm, cls):
+            return name
+    raise ValueError(
+        f"The theory covers MAML, FOMAML and HFMAML, not {type(algorithm).__name__}: pass the "
+        "step-size constant c explicitly."
+    )
+
+
+def step_size_constant(variant: str) -> float:
+    """The default c of ``beta_k = c / L~(w_k)``: 1/12 (MAML), 1/18 (FO-MAML), 1/25 (HF-MAML).
+
+    Fallah et al. 2020; the values live in :data:`lightning_maml.theory.constants.THEORY`.
+    """
+    if variant not in THEORY:
+        raise ValueError(f"Unknown variant {variant!r}: use one of {sorted(THEORY)}.")
+    return THEORY[variant].step_size
+
+
+def local_smoothness(L: float, rho: float, inner_lr: float, grad_norms: Tensor | None) -> float:
+    """``L~(w) = 4 L + 2 rho alpha mean_j ||grad~f_j(w, D_beta^j)||``, F's local smoothness.
+
+    Args:
+        L: The smoothness constant of each task loss.
+        rho: The Lipschitz constant of each task's Hessian.
+        inner_lr: The inner step size alpha.
+        grad_norms: The gradient norms of the B' tasks of the estimate; may be ``None`` when
+            ``rho == 0``, where they do not enter.
+    """
+    if rho == 0:
+        return 4.0 * L
+    if grad_norms is None or grad_norms.numel() == 0:
+        raise ValueError("rho > 0 needs the gradient norms of at least one task.")
+    return 4.0 * L + 2.0 * rho * inner_lr * grad_norms.double().mean().item()
+
+
+def theory_step_size(
+    L: float, rho: float, inner_lr: float, c: float, grad_norms: Tensor | None
+) -> tuple[float, float]:
+    """The step size ``beta_k = c / L~(w_k)`` and ``L~(w_k)`` (Fallah et al. 2020).
+
+    Args:
+        L: The smoothness constant of each task loss.
+        rho: The Lipschitz constant of each task's Hessian.
+        inner_lr: The inner step size alpha.
+        c: The variant's constant (:func:`step_size_constant`).
+        grad_norms: See :func:`local_smoothness`.
+
+    Returns:
+        ``(beta_k, L~(w_k))``.
+    """
+    L_tilde = local_smoothness(L, rho, inner_lr, grad_norms)
+    return c / L_tilde, L_tilde
+
+
+def task_gradient_norms(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor) -> Tensor:
+    """``||grad f_j(w, D_j)||`` for each task j of a batch, at the model's weights.
+
+    Args:
+        model: The model at ``w``.
+        loss_fn: The task loss.
+        x: Inputs shaped ``(tasks, examples, ...)``.
+        y: Targets shaped ``(tasks, examples, ...)``.
+
+    Returns:
+        The norms, shaped ``(tasks,)``.
+    """
+    task = TaskModel(model, loss_fn)
+
+    def norm(params: Params, data: dict[str, Tensor]) -> Tensor:
+        return tree_norm(grad(task.loss)(params, data["x"], data["y"]))
+
+    with torch.no_grad():  # torch.func.grad differentiates regardless
+        return map_tasks(norm, task.params(), {"x": x, "y": y})
