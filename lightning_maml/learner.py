@@ -64,7 +64,8 @@ class MetaLearner(LightningModule):
     each task's support set with gradients for ``eval_inner_steps`` steps and score the query
     set; classification (integer targets, logits with a class dimension) also reports accuracy.
 
-    Logged: ``train/loss`` (post-adaptation query loss), ``train/loss_before``,
+    Logged: ``train/loss`` (post-adaptation query loss), ``train/loss_before`` (with the
+    algorithm's ``track_loss_before=True``),
     ``train/grad_norm`` (the all-reduced meta-gradient's norm before clipping),
     ``train/accuracy``; ``val/…`` and ``test/…`` loss and accuracy over tasks with their 95%
     confidence half-widths (``…_ci95``).
@@ -236,7 +237,8 @@ class MetaLearner(LightningModule):
 
         tasks = batch.num_tasks
         self.log("train/loss", step.loss, prog_bar=True, batch_size=tasks)
-        self.log("train/loss_before", step.loss_before, batch_size=tasks)
+        if step.loss_before is not None:
+            self.log("train/loss_before", step.loss_before, batch_size=tasks)
         self.log("train/grad_norm", grad_norm, prog_bar=True, batch_size=tasks)
         accuracy = self._accuracy(step, batch)
         if accuracy is not None:

@@ -283,3 +283,14 @@ def test_running_statistics_raise():
     tasks = TaskBatch(*(torch.randn(2, 4, 2),) * 4)
     with pytest.raises(ValueError, match="track_running_stats=False"):
         MAML(0.1).meta_gradient(model, mse, tasks)
+
+
+def test_pre_adaptation_query_loss_only_when_tracked():
+    model, tasks = tiny_net(), tiny_tasks()
+    f = flat_loss(model)
+    theta0 = torch.cat([p.detach().flatten() for p in model.parameters()])
+    expected = torch.stack([f(theta0, tasks.query_x[i], tasks.query_y[i]) for i in range(TASKS)])
+    assert MAML(0.3).meta_gradient(model, mse, tasks).loss_before is None
+    tracked = MAML(0.3, track_loss_before=True).meta_gradient(model, mse, tasks)
+    torch.testing.assert_close(tracked.loss_before, expected.mean())
+    torch.testing.assert_close(MAML(0.3).evaluate(model, mse, tasks).loss_before, expected.mean())

@@ -131,8 +131,8 @@ def by_hand(variant: str, model: nn.Module, tasks: TaskBatch) -> tuple[list[Tens
 
 def algorithm(variant: str):
     if variant == "HFMAML":
-        return HFMAML(ALPHA, STEPS, delta_scale=DELTA_SCALE)
-    return {"MAML": MAML, "FOMAML": FOMAML}[variant](ALPHA, STEPS)
+        return HFMAML(ALPHA, STEPS, delta_scale=DELTA_SCALE, track_loss_before=True)
+    return {"MAML": MAML, "FOMAML": FOMAML}[variant](ALPHA, STEPS, track_loss_before=True)
 
 
 def fit_one_step(variant: str, monitor: GradNormMonitor, tmp_path, **learner_kwargs) -> dict:

@@ -98,7 +98,7 @@ def test_offline_run_holds_every_series_for_every_step(tmp_path, monkeypatch):
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    learner = MetaLearner(MLP(hidden=8), HFMAML(0.01, 2))
+    learner = MetaLearner(MLP(hidden=8), HFMAML(0.01, 2, track_loss_before=True))
     trainer.fit(learner, datamodule=SinusoidDataModule(meta_batch_size=2, shots=5, query_shots=5))
     wandb.finish()
 

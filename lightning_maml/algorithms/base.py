@@ -25,7 +25,8 @@ class Evaluation:
         loss: The mean query loss after adaptation.
         task_losses: Each task's query loss after adaptation, shaped ``(tasks,)``.
         predictions: The adapted model's query predictions, shaped ``(tasks, query_shots, ...)``.
-        loss_before: The mean query loss before adaptation.
+        loss_before: The mean query loss before adaptation; in training only with
+            ``track_loss_before=True`` (it costs a forward pass on every query set), else ``None``.
         inner_losses: The mean support loss at each inner step, shaped ``(inner_steps,)``.
         inner_grad_norms: The mean inner-gradient norm at each inner step.
     """
@@ -33,7 +34,7 @@ class Evaluation:
     loss: Tensor
     task_losses: Tensor
     predictions: Tensor
-    loss_before: Tensor
+    loss_before: Tensor | None
     inner_losses: Tensor
     inner_grad_norms: Tensor
 
@@ -78,6 +79,10 @@ class MetaAlgorithm:
             convolutions (vmap turns them into grouped convolutions, which CPUs run about 3x
             slower than a loop: see ``benchmarks/speed.py``) and ``None`` otherwise (an MLP
             runs about 10x faster vectorised).
+        track_loss_before: Also compute each task's query loss before adaptation in training
+            (``MetaStep.loss_before``). It costs one more forward pass on every query set (measured
+            on a CPU conv net: a third of the step), so it is off by default; evaluation always
+            reports it.
     """
 
     #: Whether the variant uses ``hessian_batch`` (FO-MAML has no Hessian term).
@@ -89,6 +94,7 @@ class MetaAlgorithm:
         inner_steps: int = 1,
         hessian_batch: HessianBatch = "inner",
         task_chunk_size: ChunkSize = "auto",
+        track_loss_before: bool = False,
     ) -> None:
         if isinstance(inner_lr, bool) or not isinstance(inner_lr, (int, float)) or not inner_lr > 0:
             raise ValueError(
@@ -106,6 +112,7 @@ class MetaAlgorithm:
         self.inner_steps = inner_steps
         self.hessian_batch = hessian_batch
         self.task_chunk_size = task_chunk_size
+        self.track_loss_before = track_loss_before
 
     # -- what a variant provides -----------------------------------------------------------
 
@@ -197,7 +204,7 @@ class MetaAlgorithm:
             "loss": stats["task_losses"].mean(),
             "task_losses": stats["task_losses"],
             "predictions": stats["predictions"],
-            "loss_before": stats["losses_before"].mean(),
+            "loss_before": stats["losses_before"].mean() if "losses_before" in stats else None,
             "inner_losses": stats["inner_losses"].mean(0),
             "inner_grad_norms": stats["inner_grad_norms"].mean(0),
         }
@@ -243,7 +250,7 @@ class MetaAlgorithm:
                 params, data["support_x"], data["support_y"], self.inner_lr, steps
             )
             loss, prediction = task.loss_and_prediction(adapted, data["query_x"], data["query_y"])
-            return query_stats(task, params, trajectory, loss, prediction, data)
+            return query_stats(task, params, trajectory, loss, prediction, data, loss_before=True)
 
         def per_chunk(task: TaskModel, params: Params, data: dict[str, Tensor]):
             return None, map_tasks(lambda p, d: per_task(task, p, d), params, data)
@@ -260,12 +267,15 @@ def query_stats(
     loss: Tensor,
     prediction: Tensor,
     data: dict[str, Tensor],
+    loss_before: bool,
 ) -> dict[str, Tensor]:
     """The statistics every variant reports for one task, given its adapted query loss."""
-    return {
+    stats = {
         "task_losses": loss.detach(),
         "predictions": prediction.detach(),
-        "losses_before": task.loss(params, data["query_x"], data["query_y"]).detach(),
         "inner_losses": torch.stack(trajectory.losses),
         "inner_grad_norms": torch.stack(trajectory.grad_norms),
     }
+    if loss_before:
+        stats["losses_before"] = task.loss(params, data["query_x"], data["query_y"]).detach()
+    return stats

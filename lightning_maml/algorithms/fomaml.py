@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 from torch.func import grad_and_value
 
-from lightning_maml.algorithms.base import MetaAlgorithm, query_stats
+from lightning_maml.algorithms.base import ChunkSize, MetaAlgorithm, query_stats
 from lightning_maml.functional import Params, TaskModel
 
 __all__ = ["FOMAML"]
@@ -24,6 +24,7 @@ class FOMAML(MetaAlgorithm):
         inner_lr: The inner step size alpha (> 0).
         inner_steps: The number of inner steps (>= 1).
         task_chunk_size: Tasks per vectorised call (see :class:`MetaAlgorithm`).
+        track_loss_before: Also report the pre-adaptation query loss (see :class:`MetaAlgorithm`).
 
     References:
         C. Finn, P. Abbeel, S. Levine. Model-Agnostic Meta-Learning for Fast Adaptation of Deep
@@ -34,8 +35,14 @@ class FOMAML(MetaAlgorithm):
 
     uses_hessian = False
 
-    def __init__(self, inner_lr: float, inner_steps: int = 1, task_chunk_size="auto") -> None:
-        super().__init__(inner_lr, inner_steps, "inner", task_chunk_size)
+    def __init__(
+        self,
+        inner_lr: float,
+        inner_steps: int = 1,
+        task_chunk_size: ChunkSize = "auto",
+        track_loss_before: bool = False,
+    ) -> None:
+        super().__init__(inner_lr, inner_steps, "inner", task_chunk_size, track_loss_before)
 
     def task_meta_gradient(
         self, task: TaskModel, params: Params, data: dict[str, Tensor]
@@ -46,4 +53,6 @@ class FOMAML(MetaAlgorithm):
         outer, (loss, prediction) = grad_and_value(task.loss_and_prediction, has_aux=True)(
             adapted, data["query_x"], data["query_y"]
         )
-        return outer, query_stats(task, params, trajectory, loss, prediction, data)
+        return outer, query_stats(
+            task, params, trajectory, loss, prediction, data, self.track_loss_before
+        )

@@ -52,6 +52,7 @@ class HFMAML(MetaAlgorithm):
         rho: The Hessian-Lipschitz constant for ``delta="theory"``.
         delta_scale: The c of ``delta = c / ||v||``.
         task_chunk_size: Tasks per vectorised call (see :class:`MetaAlgorithm`).
+        track_loss_before: Also report the pre-adaptation query loss (see :class:`MetaAlgorithm`).
 
     References:
         A. Fallah, A. Mokhtari, A. Ozdaglar. On the Convergence Theory of Gradient-Based
@@ -67,8 +68,9 @@ class HFMAML(MetaAlgorithm):
         rho: float | None = None,
         delta_scale: float | None = None,
         task_chunk_size: ChunkSize = "auto",
+        track_loss_before: bool = False,
     ) -> None:
-        super().__init__(inner_lr, inner_steps, hessian_batch, task_chunk_size)
+        super().__init__(inner_lr, inner_steps, hessian_batch, task_chunk_size, track_loss_before)
         if delta is not None and delta_scale is not None:
             raise ValueError("Give HFMAML either delta or delta_scale, not both.")
         if delta == "theory":
@@ -133,7 +135,9 @@ class HFMAML(MetaAlgorithm):
             direction = axpy(-self.inner_lr, hvp, direction)
             deltas.append(delta)
             hvp_norms.append(tree_norm(hvp))
-        stats = query_stats(task, params, trajectory, loss, prediction, data)
+        stats = query_stats(
+            task, params, trajectory, loss, prediction, data, self.track_loss_before
+        )
         # Reported in inner-step order j = 0 .. k-1, like the other per-step statistics.
         stats["delta"] = torch.stack(deltas[::-1])
         stats["hvp_norms"] = torch.stack(hvp_norms[::-1])

@@ -29,6 +29,7 @@ class MAML(MetaAlgorithm):
         inner_steps: The number of inner steps (>= 1).
         hessian_batch: ``"inner"`` or ``"independent"``.
         task_chunk_size: Tasks per vectorised call (see :class:`MetaAlgorithm`).
+        track_loss_before: Also report the pre-adaptation query loss (see :class:`MetaAlgorithm`).
 
     References:
         C. Finn, P. Abbeel, S. Levine. Model-Agnostic Meta-Learning for Fast Adaptation of Deep
@@ -49,7 +50,9 @@ class MAML(MetaAlgorithm):
                 p, data["support_x"], data["support_y"], self.inner_lr, self.inner_steps, hessian
             )
             loss, prediction = task.loss_and_prediction(adapted, data["query_x"], data["query_y"])
-            return loss, query_stats(task, p, trajectory, loss, prediction, data)
+            return loss, query_stats(
+                task, p, trajectory, loss, prediction, data, self.track_loss_before
+            )
 
         # Per task, then vmapped by the base class. The other order, one grad of the vmapped
         # sum, gets BatchNorm's double backward wrong in torch.func (measured: conv biases

@@ -147,8 +147,10 @@ class GradNormMonitor(Callback):
             "hfmaml/delta_step": step.delta,
             "hfmaml/hvp_norm_step": step.hvp_norms,
         }
-        keys = ["loss/query_before", "loss/query_after"]
-        values = [step.loss_before.reshape(1), step.loss.reshape(1)]
+        keys, values = ["loss/query_after"], [step.loss.reshape(1)]
+        if step.loss_before is not None:
+            keys.append("loss/query_before")
+            values.append(step.loss_before.reshape(1))
         for prefix, series in per_step.items():
             if series is not None:
                 keys += [f"{prefix}_{j}" for j in range(series.numel())]
