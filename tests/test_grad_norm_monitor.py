@@ -291,7 +291,7 @@ def _fit_sinusoid(devices: int) -> dict[str, float]:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    learner = MetaLearner(MLP(hidden=8), HFMAML(0.05, 2))
+    learner = MetaLearner(MLP(hidden=8), HFMAML(0.05, 2, track_loss_before=True))
     trainer.fit(learner, datamodule=SinusoidDataModule(meta_batch_size=4, shots=5, query_shots=5))
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
