@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import warnings
 from collections.abc import Callable
@@ -48,6 +49,11 @@ def _describe(value: Any) -> Any:
     if callable(value) and hasattr(value, "__qualname__"):
         return _path(value)
     return repr(value)
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _path(obj: Any) -> str:
@@ -173,6 +179,12 @@ class MetaLearner(LightningModule):
         # in-place updates would write for all ranks; reset gives each rank its own.
         for metric in self.eval_metrics.values():
             metric.reset()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Lightning destroys only NCCL process groups at exit; a gloo group left alive can
+            # abort the process as it exits ("terminate called without an active exception",
+            # seen in ddp_spawn tests on CPU).
+            atexit.unregister(_destroy_process_group)  # once, however many runs
+            atexit.register(_destroy_process_group)
         # Fail before the first step on a model or datamodule the algorithm cannot use.
         self.algorithm.check_model(self.model)
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
