@@ -53,6 +53,15 @@ def stack_tasks(tasks: list[Task]) -> TaskBatch:
     return TaskBatch(*[None if f[0] is None else torch.stack(f) for f in fields])
 
 
+def check_divisible(meta_batch_size: int, world_size: int) -> None:
+    """Raises ``ValueError`` unless the global meta-batch splits evenly over the processes."""
+    if meta_batch_size % world_size:
+        raise ValueError(
+            f"meta_batch_size={meta_batch_size} is the global number of tasks per step and "
+            f"must divide evenly over {world_size} processes; choose a multiple of {world_size}."
+        )
+
+
 class TrainTaskStream(IterableDataset):
     """An endless stream of training meta-batches, keyed by the global step.
 
@@ -74,11 +83,7 @@ class TrainTaskStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        if meta_batch_size % world_size:
-            raise ValueError(
-                f"meta_batch_size={meta_batch_size} is the global number of tasks per step and "
-                f"must divide evenly over {world_size} processes; choose a multiple of {world_size}."
-            )
+        check_divisible(meta_batch_size, world_size)
         self.sampler = sampler
         self.meta_batch_size = meta_batch_size
         self.seed = seed
@@ -226,12 +231,8 @@ class MetaDataModule(LightningDataModule):
 
     def setup(self, stage: str) -> None:
         _, _, world_size = self._placement()
-        if stage == "fit" and self.meta_batch_size % world_size:
-            raise ValueError(
-                f"meta_batch_size={self.meta_batch_size} is the global number of tasks per step "
-                f"and must divide evenly over the {world_size} processes; choose a multiple of "
-                f"{world_size}."
-            )
+        if stage == "fit":
+            check_divisible(self.meta_batch_size, world_size)
 
     def _loader(self, dataset: Dataset) -> DataLoader:
         return DataLoader(
