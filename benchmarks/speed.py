@@ -10,6 +10,7 @@ Usage::
     python benchmarks/speed.py --setup sinusoid            # CPU goal: >= 2.5x faster than the loop
     python benchmarks/speed.py --setup omniglot --device cuda --inner-steps 1 5
     python benchmarks/speed.py --setup sinusoid --trainer  # adds the Lightning Trainer loop
+    python benchmarks/speed.py --setup omniglot --compile --bf16 --variants MAML FOMAML HFMAML
 
 Peak memory is ``torch.cuda.max_memory_allocated`` on a GPU; on a CPU each case runs in a
 fresh subprocess and reports its peak resident-set growth (``ru_maxrss``), a coarser measure.
@@ -18,6 +19,8 @@ fresh subprocess and reports its peak resident-set growth (``ru_maxrss``), a coa
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import resource
 import statistics
@@ -87,14 +90,31 @@ def loop_step(
         (loss_fn(learner(batch.query_x[i]), batch.query_y[i]) / batch.num_tasks).backward()
 
 
-def step_fn(variant: str, model, loss_fn, batch, inner_lr, steps, chunk) -> Callable[[], None]:
+def make_algorithm(variant: str, inner_lr: float, steps: int, args) -> MetaAlgorithm:
+    chunk = "auto" if args.chunk is None else (None if args.chunk == 0 else args.chunk)
+    return {"MAML": MAML, "FOMAML": FOMAML, "HFMAML": HFMAML}[variant](
+        inner_lr, inner_steps=steps, task_chunk_size=chunk, compile=args.compile
+    )
+
+
+def autocast(args) -> contextlib.AbstractContextManager:
+    """bf16 autocast for ``--bf16`` (what ``precision="bf16-mixed"`` does in the Trainer)."""
+    return torch.autocast(torch.device(args.device).type, torch.bfloat16, enabled=args.bf16)
+
+
+def step_fn(variant: str, model, loss_fn, batch, inner_lr, steps, args) -> Callable[[], None]:
     if variant.startswith("loop-"):
         first_order = variant == "loop-FOMAML"
-        return lambda: loop_step(model, loss_fn, batch, inner_lr, steps, first_order)
-    algorithm: MetaAlgorithm = {"MAML": MAML, "FOMAML": FOMAML, "HFMAML": HFMAML}[variant](
-        inner_lr, inner_steps=steps, task_chunk_size=chunk
-    )
-    return lambda: algorithm.meta_gradient(model, loss_fn, batch)
+        step = functools.partial(loop_step, model, loss_fn, batch, inner_lr, steps, first_order)
+    else:
+        algorithm = make_algorithm(variant, inner_lr, steps, args)
+        step = functools.partial(algorithm.meta_gradient, model, loss_fn, batch)
+
+    def run() -> None:
+        with autocast(args):
+            step()
+
+    return run
 
 
 def sync(device: torch.device) -> None:
@@ -111,8 +131,7 @@ def measure(args, variant: str, steps: int) -> dict:
     device = torch.device(args.device)
     model, loss_fn, batch, inner_lr = make_setup(args.setup, device, args.meta_batch_size)
     model = model.to(device)
-    chunk = "auto" if args.chunk is None else (None if args.chunk == 0 else args.chunk)
-    step = step_fn(variant, model, loss_fn, batch, inner_lr, steps, chunk)
+    step = step_fn(variant, model, loss_fn, batch, inner_lr, steps, args)
     rss_before = rss_bytes()
     for _ in range(args.warmup):
         step()
@@ -143,6 +162,7 @@ def measure_trainer(args, variant: str, steps: int) -> dict:
 
     from datamodules.base import MetaDataModule
     from lightning_maml import MetaLearner
+    from lightning_maml.callbacks import GradNormMonitor
 
     device = torch.device(args.device)
     model, loss_fn, batch, inner_lr = make_setup(args.setup, device, args.meta_batch_size)
@@ -156,14 +176,13 @@ def measure_trainer(args, variant: str, steps: int) -> dict:
         def train_dataloader(self):
             return torch.utils.data.DataLoader(Repeat(), batch_size=None)
 
-    algorithm = {"MAML": MAML, "FOMAML": FOMAML, "HFMAML": HFMAML}[variant](
-        inner_lr, inner_steps=steps
-    )
+    algorithm = make_algorithm(variant, inner_lr, steps, args)
     n = args.warmup + args.repeats
     learner = MetaLearner(model, algorithm, loss_fn)
     trainer = L.Trainer(
         accelerator=device.type,
         devices=1,
+        precision="bf16-mixed" if args.bf16 else "32-true",
         max_steps=n,
         logger=False,
         enable_checkpointing=False,
@@ -179,6 +198,9 @@ def measure_trainer(args, variant: str, steps: int) -> dict:
             stamps.append(time.perf_counter())
 
     trainer.callbacks.append(Stamp())
+    if args.monitor:
+        # As the recipes have it; it logs on the Trainer's logging steps (every 50 here).
+        trainer.callbacks.append(GradNormMonitor(group_by="layer"))
     trainer.fit(learner, datamodule=Fixed(meta_batch_size=batch.num_tasks))
     loop_ms = (stamps[-1] - stamps[args.warmup - 1]) / args.repeats * 1e3
 
@@ -186,7 +208,8 @@ def measure_trainer(args, variant: str, steps: int) -> dict:
     times = []
     for i in range(n):
         start = time.perf_counter()
-        result = algorithm.meta_gradient(model, loss_fn, batch)
+        with autocast(args):
+            result = algorithm.meta_gradient(model, loss_fn, batch)
         for name, p in model.named_parameters():
             p.grad = result.grads[name]
         optimizer.step()
@@ -204,6 +227,8 @@ def run_isolated(args, variant: str, steps: int) -> dict:
         value = getattr(args, key)
         if value is not None:
             cmd += [f"--{key.replace('_', '-')}", str(value)]
+    cmd += ["--bf16"] if args.bf16 else []
+    cmd += [] if args.compile is False else ["--compile", str(args.compile)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -219,6 +244,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--trainer", action="store_true", help="also time the Lightning loop")
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const=True,
+        default=False,
+        type=lambda mode: True if mode == "True" else mode,
+        help="torch.compile each variant (optionally a mode, e.g. max-autotune)",
+    )
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (bf16-mixed)")
+    parser.add_argument(
+        "--monitor",
+        action="store_true",
+        help="the Trainer loop with GradNormMonitor, as in recipes",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--output", type=Path, default=None, help="write the rows as JSON")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
@@ -233,7 +272,8 @@ def main() -> None:
     isolate = args.device == "cpu"
     rows = []
     print(
-        f"setup={args.setup} device={args.device} torch={torch.__version__} threads={torch.get_num_threads()}"
+        f"setup={args.setup} device={args.device} torch={torch.__version__} "
+        f"threads={torch.get_num_threads()} bf16={args.bf16} compile={args.compile}"
     )
     print(f"{'variant':<12}{'steps':>6}{'ms/step':>10}{'peak MiB':>10}{'vs loop':>9}")
     for steps in args.inner_steps:

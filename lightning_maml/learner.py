@@ -219,10 +219,13 @@ class MetaLearner(LightningModule):
         # A non-finite loss poisons the gradient, so that the check after DDP's all-reduce
         # sees it on every rank and all ranks stop together.
         poison = torch.where(torch.isfinite(step.loss), 1.0, float("nan"))
-        surrogate = sum(
-            (p * (step.grads[n] * poison).to(p.dtype)).sum()
-            for n, p in self.model.named_parameters()
-            if n in step.grads
+        params = [(p, step.grads[n]) for n, p in self.model.named_parameters() if n in step.grads]
+        # One dot product of flattened vectors rather than a sum of per-tensor products: fewer
+        # operator calls, each a kernel launch on a GPU (measured on a CPU for the conv net,
+        # backward included: 104 against 147 calls, 0.25 against 0.4 ms; equal gradients).
+        surrogate = torch.dot(
+            torch.cat([p.flatten() for p, _ in params]),
+            torch.cat([g.flatten().to(p.dtype) for p, g in params]) * poison.to(params[0][0].dtype),
         )
         optimizer.zero_grad()
         self.manual_backward(surrogate)

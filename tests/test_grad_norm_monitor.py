@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import math
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -246,11 +248,34 @@ def test_tensorboard_gets_the_same_series(tmp_path):
         assert [e.step for e in events.Scalars(key)] == [0, 1, 2], key
 
 
+def test_norms_are_computed_only_on_logging_steps(tmp_path):
+    learner = MetaLearner(MLP(hidden=8), FOMAML(0.01))
+    trainer = L.Trainer(
+        max_steps=7,
+        limit_val_batches=0,
+        logger=CSVLogger(tmp_path),
+        log_every_n_steps=3,
+        callbacks=[GradNormMonitor()],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(learner, datamodule=SinusoidDataModule(meta_batch_size=2, shots=5, query_shots=5))
+    rows = list(csv.DictReader((Path(trainer.logger.log_dir) / "metrics.csv").open()))
+    logged = {int(r["step"]): r for r in rows if r.get("grad_norm/meta")}
+    # Lightning writes steps 2 and 5 (every third step); the monitor's norms are there, and
+    # equal to the learner's own norm of the same step.
+    assert sorted(logged) == [2, 5]
+    for row in logged.values():
+        assert float(row["grad_norm/meta"]) == pytest.approx(float(row["train/grad_norm"]))
+
+
 def test_other_modules_get_gradient_norms_and_a_warning(tmp_path):
     trainer = L.Trainer(
         max_steps=2,
         limit_val_batches=0,
         logger=False,
+        log_every_n_steps=1,
         callbacks=[GradNormMonitor(group_by="layer")],
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -286,6 +311,7 @@ def _fit_sinusoid(devices: int) -> dict[str, float]:
         max_steps=1,
         limit_val_batches=0,
         logger=False,
+        log_every_n_steps=1,
         callbacks=[GradNormMonitor(group_by="layer")],
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 from torch.func import grad_and_value
 
-from lightning_maml.algorithms.base import ChunkSize, MetaAlgorithm, query_stats
+from lightning_maml.algorithms.base import ChunkSize, CompileMode, MetaAlgorithm, query_stats
 from lightning_maml.functional import Params, TaskModel
 
 __all__ = ["FOMAML"]
@@ -25,6 +25,7 @@ class FOMAML(MetaAlgorithm):
         inner_steps: The number of inner steps (>= 1).
         task_chunk_size: Tasks per vectorised call (see :class:`MetaAlgorithm`).
         track_loss_before: Also report the pre-adaptation query loss (see :class:`MetaAlgorithm`).
+        compile: Compile the per-chunk computation with ``torch.compile`` (see :class:`MetaAlgorithm`).
 
     References:
         C. Finn, P. Abbeel, S. Levine. Model-Agnostic Meta-Learning for Fast Adaptation of Deep
@@ -41,8 +42,11 @@ class FOMAML(MetaAlgorithm):
         inner_steps: int = 1,
         task_chunk_size: ChunkSize = "auto",
         track_loss_before: bool = False,
+        compile: bool | CompileMode = False,
     ) -> None:
-        super().__init__(inner_lr, inner_steps, "inner", task_chunk_size, track_loss_before)
+        super().__init__(
+            inner_lr, inner_steps, "inner", task_chunk_size, track_loss_before, compile
+        )
 
     def task_meta_gradient(
         self, task: TaskModel, params: Params, data: dict[str, Tensor]

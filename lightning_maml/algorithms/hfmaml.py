@@ -8,7 +8,13 @@ import torch
 from torch import Tensor
 from torch.func import grad_and_value
 
-from lightning_maml.algorithms.base import ChunkSize, HessianBatch, MetaAlgorithm, query_stats
+from lightning_maml.algorithms.base import (
+    ChunkSize,
+    CompileMode,
+    HessianBatch,
+    MetaAlgorithm,
+    query_stats,
+)
 from lightning_maml.functional import Params, TaskModel, axpy, finite_difference_hvp, tree_norm
 
 __all__ = ["HFMAML"]
@@ -53,6 +59,7 @@ class HFMAML(MetaAlgorithm):
         delta_scale: The c of ``delta = c / ||v||``.
         task_chunk_size: Tasks per vectorised call (see :class:`MetaAlgorithm`).
         track_loss_before: Also report the pre-adaptation query loss (see :class:`MetaAlgorithm`).
+        compile: Compile the per-chunk computation with ``torch.compile`` (see :class:`MetaAlgorithm`).
 
     References:
         A. Fallah, A. Mokhtari, A. Ozdaglar. On the Convergence Theory of Gradient-Based
@@ -69,8 +76,11 @@ class HFMAML(MetaAlgorithm):
         delta_scale: float | None = None,
         task_chunk_size: ChunkSize = "auto",
         track_loss_before: bool = False,
+        compile: bool | CompileMode = False,
     ) -> None:
-        super().__init__(inner_lr, inner_steps, hessian_batch, task_chunk_size, track_loss_before)
+        super().__init__(
+            inner_lr, inner_steps, hessian_batch, task_chunk_size, track_loss_before, compile
+        )
         if delta is not None and delta_scale is not None:
             raise ValueError("Give HFMAML either delta or delta_scale, not both.")
         if delta == "theory":

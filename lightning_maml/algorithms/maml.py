@@ -30,6 +30,7 @@ class MAML(MetaAlgorithm):
         hessian_batch: ``"inner"`` or ``"independent"``.
         task_chunk_size: Tasks per vectorised call (see :class:`MetaAlgorithm`).
         track_loss_before: Also report the pre-adaptation query loss (see :class:`MetaAlgorithm`).
+        compile: Compile the per-chunk computation with ``torch.compile`` (see :class:`MetaAlgorithm`).
 
     References:
         C. Finn, P. Abbeel, S. Levine. Model-Agnostic Meta-Learning for Fast Adaptation of Deep

@@ -50,8 +50,10 @@ class GradNormMonitor(Callback):
     which :class:`~lightning_maml.MetaLearner` records each step): inner-loop gradients never reach
     ``.grad``. Under DDP each rank holds the means over its own tasks; they are averaged over the
     ranks in one collective per step, which gives the mean over the whole meta-batch because every
-    rank has the same number of tasks. Values are logged on step; the Trainer's
-    ``log_every_n_steps`` decides how often they are written.
+    rank has the same number of tasks. They are computed and logged only on the Trainer's
+    logging steps (every ``log_every_n_steps``), as Lightning's own ``LearningRateMonitor`` does:
+    on every step they cost more than a small model's meta-step (measured on a CPU sinusoid
+    MLP: 1.1 to 1.9 ms per step against 1.5 ms for the whole Trainer step).
 
     Args:
         norm_type: The p of the meta-gradient's p-norm: a positive number, or ``"inf"`` for the
@@ -99,16 +101,25 @@ class GradNormMonitor(Callback):
                 "inner-loop statistics."
             )
 
+    @staticmethod
+    def _logging_step(trainer: pl.Trainer) -> bool:
+        # The same test as Lightning's LearningRateMonitor and DeviceStatsMonitor. It is the same
+        # on every rank, so the collective in _step_metrics stays matched under DDP.
+        return trainer._logger_connector.should_update_logs
+
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Backward has finished (and DDP has all-reduced), the module has not clipped yet. With
         # several backward passes per step the gradients accumulate, so the last one counts.
-        self._unclipped = self._grad_norms(pl_module)
+        self._unclipped = self._grad_norms(pl_module) if self._logging_step(trainer) else None
 
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
+        if not self._logging_step(trainer):
+            self._unclipped = None
+            return
         applied = self._grad_norms(pl_module)
         # Without a backward in this step (gradients set by hand), what is there is all we have.
         metrics = self._unclipped if self._unclipped is not None else applied
