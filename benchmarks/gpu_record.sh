@@ -10,10 +10,11 @@
 #             compile with bf16, each through the Trainer loop as well.
 #   accuracy  Finn et al.'s setting (recipes/omniglot/*_5w1s.yaml: inner_lr 0.4, 1 step,
 #             meta-batch 32, Adam 1e-3, rotations, 10 steps at test) for STEPS meta-steps
-#             (default 1500) with 15 query images per class, then the 600 test tasks.
+#             (default 1500) with QUERY_SHOTS query images per class (default 15), then the
+#             600 test tasks.
 #
-# Environment: STEPS (meta-steps), DEVICE (cuda), PYTHON (python3), SMOKE=1 for a seconds-long
-# dry run of every command (tiny step counts) on any device.
+# Environment: STEPS (meta-steps), QUERY_SHOTS (15), DEVICE (cuda), PYTHON (python3), SMOKE=1
+# for a seconds-long dry run of every command (tiny step counts) on any device.
 # Results: OUTPUT_DIR/speed_*.json, OUTPUT_DIR/accuracy.md and OUTPUT_DIR/record.log.
 set -euo pipefail
 
@@ -23,6 +24,7 @@ root=${3:-../shared/data/omniglot}
 device=${DEVICE:-cuda}
 python=${PYTHON:-python3}
 steps=${STEPS:-1500}
+query_shots=${QUERY_SHOTS:-15}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 log="$out/record.log"
@@ -70,7 +72,7 @@ if [[ $part == accuracy || $part == all ]]; then
     for variant in maml fomaml hfmaml; do
         run="$out/$variant"
         args=(--config "recipes/omniglot/${variant}_5w1s.yaml" --data.init_args.root "$root"
-            --data.init_args.query_shots 15 --data.init_args.device_tensors true
+            --data.init_args.query_shots "$query_shots" --data.init_args.device_tensors true
             --data.init_args.num_workers 0 --trainer.accelerator "$accelerator"
             --trainer.logger false --trainer.default_root_dir "$run" --trainer.enable_progress_bar false
             "${fit_limits[@]}")

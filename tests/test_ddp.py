@@ -57,8 +57,14 @@ def fit(algorithm, directory, devices: int, max_steps: int = 8, ckpt_path=None, 
 
 @pytest.mark.parametrize(
     "algorithm",
-    [MAML(0.05, 2), FOMAML(0.05), HFMAML(0.05, hessian_batch="independent")],
-    ids=lambda a: type(a).__name__,
+    [
+        MAML(0.05, 2),
+        FOMAML(0.05),
+        HFMAML(0.05, hessian_batch="independent"),
+        # Each process compiles its own copy (compiled functions are not pickled by ddp_spawn).
+        FOMAML(0.05, 2, compile=True),
+    ],
+    ids=["MAML", "FOMAML", "HFMAML", "FOMAML-compiled"],
 )
 def test_two_ranks_match_one_process(algorithm, tmp_path):
     (tmp_path / "ddp").mkdir()
