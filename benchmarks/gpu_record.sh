@@ -72,7 +72,7 @@ if [[ $part == accuracy || $part == all ]]; then
     for variant in maml fomaml hfmaml; do
         run="$out/$variant"
         args=(--config "recipes/omniglot/${variant}_5w1s.yaml" --data.init_args.root "$root"
-            --data.init_args.query_shots "$query_shots" --data.init_args.device_tensors true
+            --data.init_args.query_shots "$query_shots"
             --data.init_args.num_workers 0 --trainer.accelerator "$accelerator"
             --trainer.logger false --trainer.default_root_dir "$run" --trainer.enable_progress_bar false
             "${fit_limits[@]}")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -193,7 +193,7 @@ class _CIFAR100Episodes(EpisodicDataModule):
         num_test_tasks: int,
         eval_meta_batch_size: int | None,
         num_workers: int,
-        device_tensors: bool,
+        device_tensors: bool | Literal["auto"],
     ) -> None:
         super().__init__(
             ways,
@@ -243,8 +243,8 @@ class CIFARFSDataModule(_CIFAR100Episodes):
         num_test_tasks: The size of the fixed test task set.
         eval_meta_batch_size: Tasks per validation/test batch (default: ``meta_batch_size``).
         num_workers: DataLoader workers.
-        device_tensors: Keep the images on the training device (see
-            :class:`~datamodules.episodes.EpisodicDataModule`).
+        device_tensors: Keep the images on the training device; ``"auto"`` (default) does on an
+            accelerator (see :class:`~datamodules.episodes.EpisodicDataModule`).
 
     Raises:
         FileNotFoundError: If the pickles are not found (at construction).
@@ -265,7 +265,7 @@ class CIFARFSDataModule(_CIFAR100Episodes):
         num_test_tasks: int = 600,
         eval_meta_batch_size: int | None = None,
         num_workers: int = 0,
-        device_tensors: bool = False,
+        device_tensors: bool | Literal["auto"] = "auto",
     ) -> None:
         super().__init__(
             root,
@@ -309,8 +309,8 @@ class FC100DataModule(_CIFAR100Episodes):
         num_test_tasks: The size of the fixed test task set.
         eval_meta_batch_size: Tasks per validation/test batch (default: ``meta_batch_size``).
         num_workers: DataLoader workers.
-        device_tensors: Keep the images on the training device (see
-            :class:`~datamodules.episodes.EpisodicDataModule`).
+        device_tensors: Keep the images on the training device; ``"auto"`` (default) does on an
+            accelerator (see :class:`~datamodules.episodes.EpisodicDataModule`).
 
     Raises:
         FileNotFoundError: If the pickles are not found (at construction).
@@ -331,7 +331,7 @@ class FC100DataModule(_CIFAR100Episodes):
         num_test_tasks: int = 600,
         eval_meta_batch_size: int | None = None,
         num_workers: int = 0,
-        device_tensors: bool = False,
+        device_tensors: bool | Literal["auto"] = "auto",
     ) -> None:
         super().__init__(
             root,

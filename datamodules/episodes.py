@@ -16,7 +16,7 @@ so that a GPU run reads its images from GPU memory and the loader only moves a f
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -182,7 +182,8 @@ class EpisodicDataModule(MetaDataModule):
         device_tensors: Keep the images on the training device: the loader yields image indices
             (``int64`` ``*_x`` fields) and :meth:`on_after_batch_transfer` gathers them there.
             Only a :class:`~lightning.pytorch.Trainer` given this datamodule calls that hook; to
-            use the loaders by hand, call it yourself.
+            use the loaders by hand, call it yourself. ``"auto"`` (default) does so when the
+            Trainer runs on an accelerator, and gathers in the loader on a CPU or without one.
     """
 
     def __init__(
@@ -197,7 +198,7 @@ class EpisodicDataModule(MetaDataModule):
         num_test_tasks: int = 600,
         eval_meta_batch_size: int | None = None,
         num_workers: int = 0,
-        device_tensors: bool = False,
+        device_tensors: bool | Literal["auto"] = "auto",
     ) -> None:
         super().__init__(
             meta_batch_size, seed, num_val_tasks, num_test_tasks, eval_meta_batch_size, num_workers
@@ -207,6 +208,10 @@ class EpisodicDataModule(MetaDataModule):
         self.shots = shots
         self.query_shots = query_shots
         self.hessian_shots = hessian_shots
+        if not (isinstance(device_tensors, bool) or device_tensors == "auto"):
+            raise ValueError(
+                f"device_tensors must be true, false or 'auto', got {device_tensors!r}."
+            )
         self.device_tensors = device_tensors
         self.images: Tensor | None = None
         self.classes: dict[str, list[np.ndarray]] | None = None
@@ -240,6 +245,14 @@ class EpisodicDataModule(MetaDataModule):
         for split in STAGE_SPLITS.get(stage, ("train", "val", "test")):
             self.check(split)
 
+    @property
+    def on_device(self) -> bool:
+        """Whether batches carry image indices that are gathered on the training device."""
+        if self.device_tensors != "auto":
+            return self.device_tensors
+        trainer = self.trainer
+        return trainer is not None and trainer.strategy.root_device.type != "cpu"
+
     def task_sampler(self, split: str) -> EpisodeSampler:
         self.check(split)
         return EpisodeSampler(
@@ -248,7 +261,7 @@ class EpisodicDataModule(MetaDataModule):
             self.shots,
             self.query_shots,
             self.hessian_shots,
-            images=None if self.device_tensors else self.images,
+            images=None if self.on_device else self.images,
             split=f"the {split} split of {type(self).__name__}",
         )
 
@@ -268,7 +281,7 @@ class EpisodicDataModule(MetaDataModule):
         return TaskBatch(**fields)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if self.device_tensors and isinstance(batch, TaskBatch):
+        if self.on_device and isinstance(batch, TaskBatch):
             batch = self.gather(batch)
         trainer = self.trainer
         module = None if trainer is None else trainer.lightning_module

@@ -23,6 +23,7 @@ import hashlib
 import os
 import pickle
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -217,8 +218,8 @@ class MiniImageNetDataModule(EpisodicDataModule):
         num_test_tasks: The size of the fixed test task set.
         eval_meta_batch_size: Tasks per validation/test batch (default: ``meta_batch_size``).
         num_workers: DataLoader workers.
-        device_tensors: Keep the images on the training device (see
-            :class:`~datamodules.episodes.EpisodicDataModule`).
+        device_tensors: Keep the images on the training device; ``"auto"`` (default) does on an
+            accelerator (see :class:`~datamodules.episodes.EpisodicDataModule`).
 
     Raises:
         FileNotFoundError: If ``root`` holds neither layout (at construction).
@@ -240,7 +241,7 @@ class MiniImageNetDataModule(EpisodicDataModule):
         num_test_tasks: int = 600,
         eval_meta_batch_size: int | None = None,
         num_workers: int = 0,
-        device_tensors: bool = False,
+        device_tensors: bool | Literal["auto"] = "auto",
     ) -> None:
         super().__init__(
             ways,

@@ -258,8 +258,8 @@ class OmniglotDataModule(EpisodicDataModule):
         num_test_tasks: The size of the fixed test task set (600 in Finn et al.).
         eval_meta_batch_size: Tasks per validation/test batch (default: ``meta_batch_size``).
         num_workers: DataLoader workers.
-        device_tensors: Keep the images on the training device (see
-            :class:`~datamodules.episodes.EpisodicDataModule`).
+        device_tensors: Keep the images on the training device; ``"auto"`` (default) does on an
+            accelerator (see :class:`~datamodules.episodes.EpisodicDataModule`).
 
     Raises:
         FileNotFoundError: If ``root`` holds none of the layouts (at construction).
@@ -286,7 +286,7 @@ class OmniglotDataModule(EpisodicDataModule):
         num_test_tasks: int = 600,
         eval_meta_batch_size: int | None = None,
         num_workers: int = 0,
-        device_tensors: bool = False,
+        device_tensors: bool | Literal["auto"] = "auto",
     ) -> None:
         super().__init__(
             ways,

@@ -202,7 +202,7 @@ class ImageCheck(L.LightningModule):
 
 @pytest.mark.filterwarnings("ignore:You have overridden `on_after_batch_transfer` in both")
 @pytest.mark.filterwarnings("ignore:You passed in a `val_dataloader` but have no")
-@pytest.mark.parametrize("device_tensors", [False, True])
+@pytest.mark.parametrize("device_tensors", [False, True, "auto"])
 def test_trainer_receives_images(device_tensors):
     dm = ToyImages(device_tensors=device_tensors)
     module = ImageCheck()
@@ -219,3 +219,17 @@ def test_trainer_receives_images(device_tensors):
     assert module.hooked == 2
     assert [b.support_x.shape for b in module.seen] == [(4, 10, 1, 2, 3)] * 2
     assert all(b.support_x.dtype == torch.float32 for b in module.seen)
+
+
+def test_device_tensors_auto_gathers_on_accelerators_only():
+    assert ToyImages().device_tensors == "auto"
+    # Without a Trainer, or with one on a CPU, the loader gathers the images itself.
+    dm = ToyImages()
+    assert not dm.on_device
+    assert next(iter(dm.train_dataloader())).support_x.dtype == torch.float32
+    dm.trainer = L.Trainer(accelerator="cpu", logger=False)
+    assert not dm.on_device
+    assert ToyImages(device_tensors=True).on_device
+    assert not ToyImages(device_tensors=False).on_device
+    with pytest.raises(ValueError, match="device_tensors must be true, false or 'auto'"):
+        ToyImages(device_tensors="gpu")
