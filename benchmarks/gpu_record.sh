@@ -18,15 +18,24 @@
 # Results: OUTPUT_DIR/speed_*.json, OUTPUT_DIR/accuracy.md and OUTPUT_DIR/record.log.
 set -euo pipefail
 
-part=${1:?usage: gpu_record.sh speed|accuracy|all OUTPUT_DIR [OMNIGLOT_ROOT]}
-out=${2:?usage: gpu_record.sh speed|accuracy|all OUTPUT_DIR [OMNIGLOT_ROOT]}
+usage="usage: gpu_record.sh speed|accuracy|all OUTPUT_DIR [OMNIGLOT_ROOT]"
+part=${1:?$usage}
+out=${2:?$usage}
 root=${3:-../shared/data/omniglot}
+if [[ $part != speed && $part != accuracy && $part != all ]]; then
+    echo "$usage" >&2
+    exit 2
+fi
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+if [[ $part != speed ]]; then
+    root=$(cd "$root" && pwd) || { echo "no Omniglot folder at $root" >&2; exit 2; }
+fi
+cd "$(dirname "$0")/.."  # the repository root: recipes/, benchmarks/ and the packages
 device=${DEVICE:-cuda}
 python=${PYTHON:-python3}
 steps=${STEPS:-1500}
 query_shots=${QUERY_SHOTS:-15}
-mkdir -p "$out"
-out=$(cd "$out" && pwd)
 log="$out/record.log"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # W&B stays out of the record (it may not be installed where this runs).
@@ -43,7 +52,7 @@ else
     last=()
     fit_limits=()
 fi
-accelerator=$([[ $device == cuda ]] && echo gpu || echo cpu)
+accelerator=$([[ $device == cuda* ]] && echo gpu || echo cpu)
 
 {
     date -u
@@ -54,7 +63,7 @@ speed() {
     local name=$1
     shift
     "$python" benchmarks/speed.py --setup omniglot --device "$device" "${bench[@]}" --trainer \
-        --output "$out/speed_$name.json" "$@" "${last[@]}" 2>&1 | grep -v -i -E "warn|tip|available" | tee -a "$log"
+        --output "$out/speed_$name.json" "$@" "${last[@]}" 2>&1 | grep -v -E "[Ww]arning|Tip:|available: " | tee -a "$log"
 }
 
 if [[ $part == speed || $part == all ]]; then
@@ -78,10 +87,14 @@ if [[ $part == accuracy || $part == all ]]; then
             "${fit_limits[@]}")
         start=$(date +%s.%N)
         "$python" -m lightning_maml.cli fit "${args[@]}" --trainer.max_steps "$steps" 2>&1 \
-            | grep -v -i -E "warn|tip" | tee -a "$log"
+            | grep -v -E "[Ww]arning|Tip:" | tee -a "$log"
         middle=$(date +%s.%N)
         result=$("$python" -m lightning_maml.cli test "${args[@]}" \
-            --ckpt_path "$run/checkpoints/last.ckpt" 2>&1 | tee -a "$log" | grep "^test accuracy")
+            --ckpt_path "$run/checkpoints/last.ckpt" 2>&1 | tee -a "$log" | grep "^test accuracy" || true)
+        if [[ -z $result ]]; then
+            echo "no test accuracy for $variant: see $log" >&2
+            exit 1
+        fi
         end=$(date +%s.%N)
         fit_s=$("$python" -c "print(f'{$middle - $start:.0f}')")
         test_s=$("$python" -c "print(f'{$end - $middle:.0f}')")

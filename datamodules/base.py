@@ -223,6 +223,14 @@ class MetaDataModule(LightningDataModule):
         """The sampler of one task of ``split``; subclasses override this."""
         raise NotImplementedError
 
+    def loader_sampler(self, split: str) -> TaskSampler:
+        """The sampler behind this datamodule's loaders (default: :meth:`task_sampler`).
+
+        A datamodule whose loaders yield something to be finished on the device (image indices,
+        say) overrides this and leaves :meth:`task_sampler` giving ready tasks to other users.
+        """
+        return self.task_sampler(split)
+
     def _placement(self) -> tuple[int, int, int]:
         trainer = self.trainer
         if trainer is None:
@@ -247,7 +255,7 @@ class MetaDataModule(LightningDataModule):
         # step a resumed run continues from.
         start, rank, world_size = self._placement()
         stream = TrainTaskStream(
-            self.task_sampler("train"), self.meta_batch_size, self.seed, start, rank, world_size
+            self.loader_sampler("train"), self.meta_batch_size, self.seed, start, rank, world_size
         )
         return self._loader(stream)
 
@@ -256,7 +264,7 @@ class MetaDataModule(LightningDataModule):
         num = self.num_val_tasks if split == "val" else self.num_test_tasks
         _, rank, world_size = self._placement()
         return EvalTaskSet(
-            self.task_sampler(split),
+            self.loader_sampler(split),
             split,
             num,
             self.eval_meta_batch_size,

@@ -8,9 +8,12 @@ support set is ``shots`` images of label 0, then ``shots`` of label 1, and so on
 
 Images live in one ``uint8`` tensor ``(N, C, H, W)`` shared by all splits; each split is a list
 of classes, each class an array of indices into that tensor. The sampler gathers the images of a
-task on the CPU, or, with ``device_tensors=True``, returns the indices and the datamodule gathers
-the whole meta-batch on the training device in :meth:`EpisodicDataModule.on_after_batch_transfer`,
-so that a GPU run reads its images from GPU memory and the loader only moves a few integers.
+task on the CPU, or, with ``device_tensors`` on (by default on an accelerator), returns the
+indices and the datamodule gathers the whole meta-batch on the training device in
+:meth:`EpisodicDataModule.on_after_batch_transfer`, so that a GPU run reads its images from GPU
+memory and the loader only moves a few integers. Only the loaders do this:
+:meth:`EpisodicDataModule.task_sampler` always gives tasks with their images, for callbacks and
+other users that take tasks outside the Trainer's batch hooks.
 """
 
 from __future__ import annotations
@@ -254,6 +257,14 @@ class EpisodicDataModule(MetaDataModule):
         return trainer is not None and trainer.strategy.root_device.type != "cpu"
 
     def task_sampler(self, split: str) -> EpisodeSampler:
+        """A sampler of ready tasks (images, on the CPU), whatever ``device_tensors`` says."""
+        return self._sampler(split, with_images=True)
+
+    def loader_sampler(self, split: str) -> EpisodeSampler:
+        """The loaders' sampler: image indices when :attr:`on_device`, else ready tasks."""
+        return self._sampler(split, with_images=not self.on_device)
+
+    def _sampler(self, split: str, with_images: bool) -> EpisodeSampler:
         self.check(split)
         return EpisodeSampler(
             self.classes[split],
@@ -261,7 +272,7 @@ class EpisodicDataModule(MetaDataModule):
             self.shots,
             self.query_shots,
             self.hessian_shots,
-            images=None if self.on_device else self.images,
+            images=self.images if with_images else None,
             split=f"the {split} split of {type(self).__name__}",
         )
 

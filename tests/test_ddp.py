@@ -67,6 +67,13 @@ def fit(algorithm, directory, devices: int, max_steps: int = 8, ckpt_path=None, 
     ids=["MAML", "FOMAML", "HFMAML", "FOMAML-compiled"],
 )
 def test_two_ranks_match_one_process(algorithm, tmp_path):
+    if algorithm.compile:
+        # Compiled before ddp_spawn pickles it, as after an earlier fit in the same process.
+        data = SinusoidDataModule(meta_batch_size=2)
+        algorithm.meta_gradient(
+            MLP(hidden=16), torch.nn.functional.mse_loss, next(iter(data.train_dataloader()))
+        )
+        assert algorithm._compiled
     (tmp_path / "ddp").mkdir()
     (tmp_path / "single").mkdir()
     fit(algorithm, tmp_path / "ddp", devices=2)

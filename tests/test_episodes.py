@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import lightning as L
 import numpy as np
 import pytest
@@ -39,7 +41,7 @@ class ToyImages(EpisodicDataModule):
 def index_batch(dm: EpisodicDataModule, step: int, split: str = "train") -> TaskBatch:
     """The image indices of a batch (device_tensors mode leaves them in the ``*_x`` fields)."""
     if split == "train":
-        return TrainTaskStream(dm.task_sampler("train"), dm.meta_batch_size, dm.seed).batch(step)
+        return TrainTaskStream(dm.loader_sampler("train"), dm.meta_batch_size, dm.seed).batch(step)
     return dm.eval_set(split)[step]
 
 
@@ -124,11 +126,11 @@ def test_loader_workers_draw_different_steps_and_resume_continues():
     dm = ToyImages(device_tensors=True, num_workers=2)
     loader = dm.train_dataloader()
     batches = [b for b, _ in zip(loader, range(4), strict=False)]
-    stream = TrainTaskStream(dm.task_sampler("train"), 4, dm.seed)
+    stream = TrainTaskStream(dm.loader_sampler("train"), 4, dm.seed)
     for step, batch in enumerate(batches):
         assert same(batch, stream.batch(step))
     assert not same(batches[0], batches[1])
-    resumed = TrainTaskStream(dm.task_sampler("train"), 4, dm.seed, start_step=2)
+    resumed = TrainTaskStream(dm.loader_sampler("train"), 4, dm.seed, start_step=2)
     assert same(next(iter(DataLoader(resumed, batch_size=None))), batches[2])
 
 
@@ -231,5 +233,23 @@ def test_device_tensors_auto_gathers_on_accelerators_only():
     assert not dm.on_device
     assert ToyImages(device_tensors=True).on_device
     assert not ToyImages(device_tensors=False).on_device
+    # On an accelerator "auto" turns it on. No GPU here: a stand-in for the one attribute read.
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)))
+    assert dm.on_device
+    assert (
+        dm.loader_sampler("train")(np.random.default_rng(0), "train").support_x.dtype == torch.int64
+    )
     with pytest.raises(ValueError, match="device_tensors must be true, false or 'auto'"):
         ToyImages(device_tensors="gpu")
+
+
+@pytest.mark.parametrize("device_tensors", [True, False])
+def test_task_sampler_always_gives_images(device_tensors):
+    # Callbacks (StationarityMonitor, TheoryStepSize) draw tasks with task_sampler outside the
+    # Trainer's batch hooks, so they must get images even when the loaders move indices.
+    dm = ToyImages(device_tensors=device_tensors, hessian_shots=1)
+    task = dm.task_sampler("val")(np.random.default_rng(0), "val")
+    assert task.support_x.dtype == torch.float32 and task.support_x.shape == (10, 1, 2, 3)
+    assert task.hessian_x.dtype == torch.float32
+    loader_task = dm.loader_sampler("val")(np.random.default_rng(0), "val")
+    assert (loader_task.support_x.dtype == torch.int64) == device_tensors

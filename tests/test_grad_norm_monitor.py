@@ -248,19 +248,38 @@ def test_tensorboard_gets_the_same_series(tmp_path):
         assert [e.step for e in events.Scalars(key)] == [0, 1, 2], key
 
 
+class CountingMonitor(GradNormMonitor):
+    """Records the global step of every norm computation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.computed_at: list[int] = []
+        self.trainer: L.Trainer | None = None
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        self.trainer = trainer
+
+    def _grad_norms(self, pl_module):
+        self.computed_at.append(self.trainer.global_step)
+        return super()._grad_norms(pl_module)
+
+
 def test_norms_are_computed_only_on_logging_steps(tmp_path):
+    monitor = CountingMonitor()
     learner = MetaLearner(MLP(hidden=8), FOMAML(0.01))
     trainer = L.Trainer(
         max_steps=7,
         limit_val_batches=0,
         logger=CSVLogger(tmp_path),
         log_every_n_steps=3,
-        callbacks=[GradNormMonitor()],
+        callbacks=[monitor],
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
     trainer.fit(learner, datamodule=SinusoidDataModule(meta_batch_size=2, shots=5, query_shots=5))
+    # Computed (before and after clipping) on the logging steps 2 and 5 only, not on all 7.
+    assert monitor.computed_at == [2, 2, 5, 5]
     rows = list(csv.DictReader((Path(trainer.logger.log_dir) / "metrics.csv").open()))
     logged = {int(r["step"]): r for r in rows if r.get("grad_norm/meta")}
     # Lightning writes steps 2 and 5 (every third step); the monitor's norms are there, and
@@ -268,6 +287,13 @@ def test_norms_are_computed_only_on_logging_steps(tmp_path):
     assert sorted(logged) == [2, 5]
     for row in logged.values():
         assert float(row["grad_norm/meta"]) == pytest.approx(float(row["train/grad_norm"]))
+
+
+def test_fast_dev_run_logs_the_norms():
+    learner = MetaLearner(MLP(hidden=8), FOMAML(0.01))
+    trainer = L.Trainer(fast_dev_run=True, callbacks=[GradNormMonitor()], enable_progress_bar=False)
+    trainer.fit(learner, datamodule=SinusoidDataModule(meta_batch_size=2, shots=5, query_shots=5))
+    assert "grad_norm/meta" in trainer.callback_metrics
 
 
 def test_other_modules_get_gradient_norms_and_a_warning(tmp_path):

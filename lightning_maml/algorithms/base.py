@@ -16,7 +16,9 @@ __all__ = ["Evaluation", "MetaAlgorithm", "MetaStep"]
 
 HessianBatch = Literal["inner", "independent"]
 ChunkSize = int | Literal["auto"] | None
-CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+# Not the CUDA-graph modes ("reduce-overhead", "max-autotune"): a CUDA graph reuses its output
+# buffers on the next call, and _run keeps each chunk's outputs while the next chunk runs.
+CompileMode = Literal["default", "max-autotune-no-cudagraphs"]
 
 
 @dataclass
@@ -90,8 +92,9 @@ class MetaAlgorithm:
             of each new shape pays the compilation (seconds to minutes), later steps reuse it;
             ``benchmarks/speed.py --compile`` measures whether it pays off for a model.
             Measured on a CPU: sinusoid MLP steps ran 5x to 9x faster, Omniglot conv net
-            steps 1.1x to 1.4x. The CUDA-graph modes (``"reduce-overhead"``,
-            ``"max-autotune"``) have not been checked on a GPU.
+            steps 1.1x to 1.4x. The modes that use CUDA graphs (``"reduce-overhead"``,
+            ``"max-autotune"``) are refused: a graph reuses its output buffers on its next
+            call, and the chunks' outputs are kept until all chunks have run.
     """
 
     #: Whether the variant uses ``hessian_batch`` (FO-MAML has no Hessian term).
@@ -120,8 +123,9 @@ class MetaAlgorithm:
             _check_positive_int("task_chunk_size", task_chunk_size)
         if not isinstance(compile, bool) and compile not in get_args(CompileMode):
             raise ValueError(
-                f"compile must be true, false or a torch.compile mode {get_args(CompileMode)}, "
-                f"got {compile!r}."
+                f"compile must be true, false or one of the torch.compile modes "
+                f"{get_args(CompileMode)}, got {compile!r} (the CUDA-graph modes are not "
+                "supported: their outputs are overwritten by the next chunk's call)."
             )
         self.inner_lr = float(inner_lr)
         self.inner_steps = inner_steps
@@ -210,7 +214,9 @@ class MetaAlgorithm:
         # process compiles its own.
         return {k: v for k, v in vars(self).items() if k != "_compiled"}
 
-    def _run(self, model: nn.Module, loss_fn: LossFn, tasks: TaskBatch, name: str, *args) -> dict:
+    def _run(
+        self, model: nn.Module, loss_fn: LossFn, tasks: TaskBatch, name: str, *args: int
+    ) -> dict:
         task = TaskModel(model, loss_fn)
         params = task.params()
         if not params:
