@@ -250,7 +250,7 @@ def main() -> None:
         const=True,
         default=False,
         type=lambda mode: True if mode == "True" else mode,
-        help="torch.compile each variant (optionally a mode, e.g. max-autotune)",
+        help="torch.compile each variant (optionally the mode max-autotune-no-cudagraphs)",
     )
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (bf16-mixed)")
     parser.add_argument(
