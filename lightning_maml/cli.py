@@ -12,13 +12,16 @@ import importlib
 import math
 import netrc
 import os
+import pickle
 import socket
 import sys
 import threading
+import traceback
 from pathlib import Path
 from urllib.parse import urlsplit
 from urllib.request import getproxies, proxy_bypass
 
+import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
@@ -34,6 +37,7 @@ TOOLS: dict[str, str] = {
     "plot": "lightning_maml.plot:main",
     "estimate": "lightning_maml.theory.commands:estimate_main",
     "plan": "lightning_maml.theory.commands:plan_main",
+    "download": "datamodules.download:main",
 }
 
 
@@ -85,6 +89,18 @@ class MetaCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(MetaLearner, LightningDataModule, *args, **kwargs)
 
+    @override
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI would load the checkpoint's hyper-parameters over the config and the
+        # command line, so that `test --ckpt_path C --model.eval_inner_steps 1` silently ran
+        # with the checkpoint's 10 steps. Here the config and command line take effect;
+        # MetaLearner.on_load_checkpoint names every setting that differs from the checkpoint's
+        # and refuses a different model. Only the file itself is checked now, before any work.
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path is not None and path not in ("last", "best", "hpc", "registry"):
+            check_checkpoint_file(path)
+
     def after_fit(self) -> None:
         finish_wandb_runs(self.trainer)
 
@@ -96,6 +112,59 @@ class MetaCLI(LightningCLI):
 
     def after_validate(self) -> None:
         finish_wandb_runs(self.trainer)
+
+
+def check_checkpoint_file(path: str | Path) -> None:
+    """Raises a clear error for a checkpoint file that is missing, empty, truncated or foreign.
+
+    Args:
+        path: The checkpoint given as ``--ckpt_path``.
+
+    Raises:
+        FileNotFoundError: If there is no such file.
+        ValueError: If the file cannot be read as a checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"--ckpt_path {path}: no such file; runs keep theirs under "
+            "<save_dir>/<project or lightning_logs>/<run>/checkpoints/ (last.ckpt is the newest)."
+        )
+    fix = (
+        "it is empty, truncated (a run killed while writing it, or a full disk) or not a "
+        f"checkpoint; resume or test from another one (the other .ckpt files in {path.parent})."
+    )
+    if path.stat().st_size == 0:
+        raise ValueError(f"cannot read checkpoint {path}: {fix}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
+        raise ValueError(f"cannot read checkpoint {path} ({err}): {fix}") from err
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"cannot read checkpoint {path} (it holds no state_dict): {fix}")
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The exception behind jsonargparse's wrappers (a model or datamodule's own error).
+
+    jsonargparse re-raises what a constructor raised inside "Does not validate against any of
+    the Union subtypes" errors; the chain is followed through those only, so that a project
+    error raised from a lower-level one (a checkpoint that cannot be read, say) keeps its message.
+    """
+    seen = {id(error)}
+    while (
+        error.__cause__ is not None
+        and id(error.__cause__) not in seen
+        and _raised_in_jsonargparse(error)
+    ):
+        error = error.__cause__
+        seen.add(id(error))
+    return error
+
+
+def _raised_in_jsonargparse(error: BaseException) -> bool:
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and f"{os.sep}jsonargparse{os.sep}" in frames[-1].filename
 
 
 def tested_tasks(trainer: Trainer) -> int | None:
@@ -240,8 +309,16 @@ def main(argv: list[str] | None = None) -> int | None:
         module, function = TOOLS[args[0]].split(":")
         return getattr(importlib.import_module(module), function)(args[1:])
     default_wandb_offline()
-    # None lets LightningCLI read sys.argv itself (given both, it warns).
-    MetaCLI(args=argv)
+    try:
+        # None lets LightningCLI read sys.argv itself (given both, it warns).
+        MetaCLI(args=argv)
+    except Exception as error:
+        # The traceback stays for debugging, but its last line (what a user reads) is the root
+        # cause, not jsonargparse's dump of every Union subtype and the whole given Namespace.
+        traceback.print_exc()
+        cause = root_cause(error)
+        print(f"lightning-maml: error: {type(cause).__name__}: {cause}", file=sys.stderr)
+        return 1
     return None
 
 

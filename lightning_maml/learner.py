@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import importlib
 import warnings
 from collections.abc import Callable
 from typing import Any, Literal
@@ -11,6 +12,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
@@ -58,6 +60,49 @@ def _destroy_process_group() -> None:
 
 def _path(obj: Any) -> str:
     return f"{obj.__module__}.{obj.__qualname__}"
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` as ``{"a.b": 1}``; private keys (``_instantiator``) are left out."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if str(key).startswith("_") and str(key) != "_class_path":
+            continue
+        name = "class_path" if key == "_class_path" else str(key)
+        if name == "class_path":
+            value = _canonical(value)
+        flat.update(_flatten(value, f"{prefix}.{name}" if prefix else name))
+    return flat
+
+
+def setting_differences(now: dict, saved: dict, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """The settings present in both ``now`` and ``saved`` whose values differ: name -> (now, saved).
+
+    Lists and tuples compare equal when their items do (YAML gives lists, Python code tuples).
+    """
+    flat_now, flat_saved = _flatten(now, prefix), _flatten(saved, prefix)
+    return {
+        name: (flat_now[name], flat_saved[name])
+        for name in sorted(flat_now.keys() & flat_saved.keys())
+        if _plain(flat_now[name]) != _plain(flat_saved[name])
+    }
+
+
+def _plain(value: Any) -> Any:
+    return tuple(_plain(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _canonical(class_path: Any) -> Any:
+    """``lightning_maml.MAML`` and ``lightning_maml.algorithms.maml.MAML`` name one class."""
+    if not isinstance(class_path, str) or "." not in class_path:
+        return class_path
+    module, _, name = class_path.rpartition(".")
+    try:
+        return _path(getattr(importlib.import_module(module), name))
+    except (ImportError, AttributeError):
+        return class_path
 
 
 class MetaLearner(LightningModule):
@@ -195,6 +240,58 @@ class MetaLearner(LightningModule):
                 "set D_h per task, but the datamodule has hessian_shots=0: set hessian_shots > 0 "
                 "(e.g. data.init_args.hessian_shots=10) or use hessian_batch='inner'."
             )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Compares the checkpoint's settings with this run's before its weights are loaded.
+
+        The rule: the checkpoint supplies the weights and, when ``fit`` resumes, the training
+        state (step, optimizer and scheduler state, callbacks); every setting comes from the
+        run's config, command line or arguments. So ``test --ckpt_path C
+        --model.eval_inner_steps 1`` adapts for 1 step whatever C was trained with. Settings
+        that differ from the checkpoint's are named in a warning, with two exceptions: a
+        different model (the weights would not fit, or would mean something else) is refused,
+        and when ``fit`` resumes, the meta-optimizer's and scheduler's settings (their learning
+        rates included) are restored from the checkpoint's state, which the warning says.
+
+        Raises:
+            ValueError: If the checkpoint was made for a different model.
+        """
+        trainer = self._trainer
+        path = getattr(trainer, "ckpt_path", None) if trainer is not None else None
+        source = f"the checkpoint {path}" if path else "the checkpoint"
+        saved = checkpoint.get("hyper_parameters") or {}
+        differences = setting_differences(dict(self.hparams), dict(saved))
+        model = {k: v for k, v in differences.items() if k == "model" or k.startswith("model.")}
+        if model:
+            listed = "; ".join(
+                f"{k}: {now!r} here, {then!r} in it" for k, (now, then) in model.items()
+            )
+            raise ValueError(
+                f"{source} was trained with a different model ({listed}). Its weights cannot "
+                "be used with this one: test or resume it with the recipe it was trained with, "
+                "or set the model's settings to match."
+            )
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        saved_data = checkpoint.get("datamodule_hyper_parameters")
+        if datamodule is not None and saved_data:
+            differences.update(
+                setting_differences(dict(datamodule.hparams), dict(saved_data), prefix="data")
+            )
+        if not differences:
+            return
+        resuming = trainer is not None and trainer.state.fn == "fit"
+        restored = ("meta_optimizer", "lr_scheduler")
+        lines = []
+        for name, (now, then) in differences.items():
+            if resuming and name.split(".")[0] in restored:
+                lines.append(f"  {name}: {then!r} (restored from the checkpoint; {now!r} given)")
+            else:
+                lines.append(f"  {name}: {now!r} (the checkpoint has {then!r})")
+        rank_zero_warn(
+            f"Settings that differ from those saved in {source}; the run uses the first value:\n"
+            + "\n".join(lines),
+            category=UserWarning,
+        )
 
     def configure_optimizers(self) -> Any:
         optimizer = self.meta_optimizer(self.model.parameters())

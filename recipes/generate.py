@@ -261,7 +261,7 @@ def recipe(s: Setting, variant: str, ddp: bool) -> tuple[str, str]:
         f"      group: {s.benchmark}",
         f"      tags: [{s.benchmark}, {s.shape}]  # the CLI adds the variant's tag",
         "  callbacks:",
-        "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint",
+        "    - class_path: lightning_maml.callbacks.ModelCheckpoint",
         "      init_args:",
         "        monitor: val/accuracy",
         "        mode: max",

@@ -1,7 +1,8 @@
 """Callbacks that record what a meta-learning run does, for any Lightning logger."""
 
+from lightning_maml.callbacks.checkpoint import ModelCheckpoint
 from lightning_maml.callbacks.grad_norm import GradNormMonitor
 from lightning_maml.callbacks.stationarity import StationarityMonitor
 from lightning_maml.callbacks.theory_step_size import TheoryStepSize
 
-__all__ = ["GradNormMonitor", "StationarityMonitor", "TheoryStepSize"]
+__all__ = ["GradNormMonitor", "ModelCheckpoint", "StationarityMonitor", "TheoryStepSize"]
