@@ -12,7 +12,9 @@ pooled into one class of 600, and the few-shot splits are made of whole classes:
   TADAM, chosen so that the splits share no superclass.
 
 Images are ``float32`` ``(3, 32, 32)`` in ``[0, 1]``. Unpickling runs code from the file: read
-only files from a source you trust.
+only files from a source you trust. ``lightning-maml download cifar100 --root ROOT``, or
+``download=True`` on the datamodules, fetches the official tarball, checks its pinned MD5 and
+unpacks it into ``ROOT/cifar-100-python/`` (see :mod:`datamodules.download`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from datamodules.download import download
 from datamodules.episodes import EpisodicDataModule
 
 __all__ = [
@@ -97,7 +100,11 @@ def _locate(root: Path) -> Path:
     for folder in (root / "cifar-100-python", root):
         if all((folder / name).is_file() for name in FILES):
             return folder
-    raise FileNotFoundError(f"no CIFAR-100 data under {root}: looked for {LAYOUTS}.")
+    raise FileNotFoundError(
+        f"no CIFAR-100 data under {root}: looked for {LAYOUTS}. To download it: lightning-maml "
+        f"download cifar100 --root {root}, or download=True (in a recipe: "
+        "data.init_args.download: true)."
+    )
 
 
 def _unpickle(path: Path, keys: tuple[bytes, ...]) -> dict:
@@ -194,6 +201,7 @@ class _CIFAR100Episodes(EpisodicDataModule):
         eval_meta_batch_size: int | None,
         num_workers: int,
         device_tensors: bool | Literal["auto"],
+        download: bool,
     ) -> None:
         super().__init__(
             ways,
@@ -209,7 +217,18 @@ class _CIFAR100Episodes(EpisodicDataModule):
             device_tensors,
         )
         self.root = Path(root)
-        _locate(self.root)  # a missing root fails here, not when the Trainer starts
+        self.download = download
+        if not download:
+            _locate(self.root)  # a missing root fails here, not when the Trainer starts
+
+    def prepare_data(self) -> None:
+        # Lightning calls this once per node before any process reads the data.
+        if not self.download:
+            return
+        try:
+            _locate(self.root)
+        except FileNotFoundError:
+            download("cifar100", self.root)
 
     def fine_classes(self, data: CIFAR100Data) -> dict[str, list[int]]:
         """The fine labels of each split."""
@@ -245,9 +264,12 @@ class CIFARFSDataModule(_CIFAR100Episodes):
         num_workers: DataLoader workers.
         device_tensors: Keep the images on the training device; ``"auto"`` (default) does on an
             accelerator (see :class:`~datamodules.episodes.EpisodicDataModule`).
+        download: Download CIFAR-100 into ``root`` in :meth:`prepare_data` when the pickles are
+            not found (see :mod:`datamodules.download`).
 
     Raises:
-        FileNotFoundError: If the pickles are not found (at construction).
+        FileNotFoundError: If the pickles are not found (at construction, unless ``download``).
+        DownloadError: In ``prepare_data``, if the download fails.
         ValueError: For a bad argument (at construction) or, at ``setup``, corrupt files, a
             split with fewer classes than ``ways`` or too few images per class.
     """
@@ -266,6 +288,7 @@ class CIFARFSDataModule(_CIFAR100Episodes):
         eval_meta_batch_size: int | None = None,
         num_workers: int = 0,
         device_tensors: bool | Literal["auto"] = "auto",
+        download: bool = False,
     ) -> None:
         super().__init__(
             root,
@@ -280,6 +303,7 @@ class CIFARFSDataModule(_CIFAR100Episodes):
             eval_meta_batch_size,
             num_workers,
             device_tensors,
+            download,
         )
         self.save_hyperparameters()
 
@@ -311,9 +335,12 @@ class FC100DataModule(_CIFAR100Episodes):
         num_workers: DataLoader workers.
         device_tensors: Keep the images on the training device; ``"auto"`` (default) does on an
             accelerator (see :class:`~datamodules.episodes.EpisodicDataModule`).
+        download: Download CIFAR-100 into ``root`` in :meth:`prepare_data` when the pickles are
+            not found (see :mod:`datamodules.download`).
 
     Raises:
-        FileNotFoundError: If the pickles are not found (at construction).
+        FileNotFoundError: If the pickles are not found (at construction, unless ``download``).
+        DownloadError: In ``prepare_data``, if the download fails.
         ValueError: For a bad argument (at construction) or, at ``setup``, corrupt files, a
             split with fewer classes than ``ways`` or too few images per class.
     """
@@ -332,6 +359,7 @@ class FC100DataModule(_CIFAR100Episodes):
         eval_meta_batch_size: int | None = None,
         num_workers: int = 0,
         device_tensors: bool | Literal["auto"] = "auto",
+        download: bool = False,
     ) -> None:
         super().__init__(
             root,
@@ -346,6 +374,7 @@ class FC100DataModule(_CIFAR100Episodes):
             eval_meta_batch_size,
             num_workers,
             device_tensors,
+            download,
         )
         self.save_hyperparameters()
 

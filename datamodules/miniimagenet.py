@@ -14,6 +14,9 @@ one the files carry. Two layouts are read, under ``root``:
   ImageNet), CSVs with the header ``filename,label``. Images that are not 84x84 are resized with
   Lanczos antialiasing. Decoding 60,000 JPEGs takes a while: pass ``cache_dir`` to keep the
   decoded tensor as a ``.npy`` file.
+
+Neither is an official redistributable file with a published hash, so ``download=True`` and
+``lightning-maml download miniimagenet`` only say how to obtain them.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from datamodules.download import DownloadError, miniimagenet_howto
 from datamodules.episodes import EpisodicDataModule
 
 __all__ = ["MiniImageNetDataModule", "read_mini_imagenet"]
@@ -53,7 +57,9 @@ def _locate(root: Path) -> str:
         return "pickle"
     if (root / "images").is_dir() and all((root / name).is_file() for name in CSVS.values()):
         return "csv"
-    raise FileNotFoundError(f"no mini-ImageNet data under {root}: looked for {LAYOUTS}.")
+    raise FileNotFoundError(
+        f"no mini-ImageNet data under {root}: looked for {LAYOUTS}. {miniimagenet_howto(root)}"
+    )
 
 
 def _read_pickle(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -220,9 +226,14 @@ class MiniImageNetDataModule(EpisodicDataModule):
         num_workers: DataLoader workers.
         device_tensors: Keep the images on the training device; ``"auto"`` (default) does on an
             accelerator (see :class:`~datamodules.episodes.EpisodicDataModule`).
+        download: Accepted for the same interface as the other image datamodules; there is no
+            official file to download, so where ``root`` holds neither layout,
+            :meth:`prepare_data` raises an error that says how to obtain the data.
 
     Raises:
-        FileNotFoundError: If ``root`` holds neither layout (at construction).
+        FileNotFoundError: If ``root`` holds neither layout (at construction, unless
+            ``download``).
+        DownloadError: In ``prepare_data``, with ``download`` and no data under ``root``.
         ValueError: For a bad argument (at construction) or, at ``setup``, corrupt files, a
             split with fewer classes than ``ways`` or classes with too few images.
     """
@@ -242,6 +253,7 @@ class MiniImageNetDataModule(EpisodicDataModule):
         eval_meta_batch_size: int | None = None,
         num_workers: int = 0,
         device_tensors: bool | Literal["auto"] = "auto",
+        download: bool = False,
     ) -> None:
         super().__init__(
             ways,
@@ -258,9 +270,19 @@ class MiniImageNetDataModule(EpisodicDataModule):
         )
         self.save_hyperparameters()
         self.root = Path(root)
-        _locate(self.root)  # a missing root fails here, not when the Trainer starts
+        self.download = download
+        if not download:
+            _locate(self.root)  # a missing root fails here, not when the Trainer starts
         self.cache_dir = cache_dir
         self.class_names: dict[str, list[str]] | None = None
+
+    def prepare_data(self) -> None:
+        if not self.download:
+            return
+        try:
+            _locate(self.root)
+        except FileNotFoundError as err:
+            raise DownloadError(miniimagenet_howto(self.root)) from err
 
     def load(self) -> tuple[Tensor, dict[str, list[np.ndarray]]]:
         images, classes, self.class_names = read_mini_imagenet(self.root, self.cache_dir)

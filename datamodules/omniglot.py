@@ -11,6 +11,9 @@ Where to get the data (any one of these layouts under ``root``):
 - ``omniglot-py/``: what ``torchvision.datasets.Omniglot(root, download=True)`` leaves, the same
   folders (or zips) one level down.
 
+``lightning-maml download omniglot --root ROOT``, or ``download=True`` on the datamodule, fetches
+the official zips, verified (see :mod:`datamodules.download`).
+
 Every image is inverted (ink = 1) and resized to ``image_size`` with Pillow's Lanczos filter,
 which antialiases. Reading and resizing the 32,460 images takes a few seconds, so nothing is cached
 on disk.
@@ -32,6 +35,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from datamodules.download import download
 from datamodules.episodes import EpisodicDataModule
 
 __all__ = ["OmniglotData", "OmniglotDataModule", "read_omniglot"]
@@ -179,7 +183,11 @@ def _locate(root: Path) -> tuple[str, dict[str, Path]]:
                     f"Omniglot under {root} is incomplete: {', '.join(missing)} is missing; both "
                     "the background and the evaluation alphabets are needed."
                 )
-    raise FileNotFoundError(f"no Omniglot data under {root}: looked for {LAYOUTS}.")
+    raise FileNotFoundError(
+        f"no Omniglot data under {root}: looked for {LAYOUTS}. To download it: lightning-maml "
+        f"download omniglot --root {root}, or download=True (in a recipe: "
+        "data.init_args.download: true)."
+    )
 
 
 def read_omniglot(root: str | Path, image_size: int = 28) -> OmniglotData:
@@ -260,9 +268,13 @@ class OmniglotDataModule(EpisodicDataModule):
         num_workers: DataLoader workers.
         device_tensors: Keep the images on the training device; ``"auto"`` (default) does on an
             accelerator (see :class:`~datamodules.episodes.EpisodicDataModule`).
+        download: Download the official zips into ``root`` in :meth:`prepare_data` when ``root``
+            holds none of the layouts (see :mod:`datamodules.download`).
 
     Raises:
-        FileNotFoundError: If ``root`` holds none of the layouts (at construction).
+        FileNotFoundError: If ``root`` holds none of the layouts (at construction, unless
+            ``download``).
+        DownloadError: In ``prepare_data``, if the download fails.
         ValueError: For a bad argument (at construction) or, at ``setup``, corrupt files, a
             split with fewer classes than ``ways``, or too few drawers per character.
     """
@@ -287,6 +299,7 @@ class OmniglotDataModule(EpisodicDataModule):
         eval_meta_batch_size: int | None = None,
         num_workers: int = 0,
         device_tensors: bool | Literal["auto"] = "auto",
+        download: bool = False,
     ) -> None:
         super().__init__(
             ways,
@@ -312,13 +325,24 @@ class OmniglotDataModule(EpisodicDataModule):
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
         self.save_hyperparameters()
         self.root = Path(root)
-        _locate(self.root)  # a missing root fails here, not when the Trainer starts
+        self.download = download
+        if not download:
+            _locate(self.root)  # a missing root fails here, not when the Trainer starts
         self.split = split
         self.rotations = rotations
         self.image_size = image_size
         self.val_characters = val_characters
         self.test_characters = test_characters
         self.split_seed = split_seed
+
+    def prepare_data(self) -> None:
+        # Lightning calls this once per node before any process reads the data.
+        if not self.download:
+            return
+        try:
+            _locate(self.root)
+        except FileNotFoundError:
+            download("omniglot", self.root)
 
     def character_split(self, background: np.ndarray) -> dict[str, np.ndarray]:
         """The characters of each split, given the background flag of every character."""
