@@ -1,7 +1,12 @@
-"""OmniglotDataModule: the real archives, generated official, zip and torchvision trees, errors."""
+"""OmniglotDataModule: the real data, generated official, zip and torchvision trees, errors.
+
+The tests on the real Omniglot take it from ``omniglot_root`` (tests/conftest.py), in any layout.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import shutil
 import zipfile
 from pathlib import Path
@@ -19,7 +24,6 @@ from lightning_maml import MAML
 from lightning_maml.learner import MetaLearner
 from lightning_maml.models import ConvNet
 
-OMNIGLOT = Path(__file__).parents[1] / ".." / "shared" / "data" / "omniglot"
 # Rows of the archives copied into the generated trees: (part, row, alphabet).
 TREE = [
     ("images_background", 0, "Arcadian"),
@@ -32,8 +36,8 @@ TREE = [
 
 
 @pytest.fixture(scope="module")
-def real():
-    return read_omniglot(OMNIGLOT)
+def real(omniglot_root):
+    return read_omniglot(omniglot_root)
 
 
 @pytest.fixture
@@ -43,8 +47,30 @@ def cached(real, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def archives():
-    return {part: np.load(OMNIGLOT / f"{part}.npz")["images"] for part in omniglot.PARTS}
+def archives(omniglot_root):
+    """The original 105x105 drawings (True = background) of the ``TREE`` characters.
+
+    ``archives[part][row]`` is a bool ``(20, 105, 105)`` array, read from the real data's layout.
+    """
+    kind, sources = omniglot._locate(omniglot_root)
+    drawings = {}
+    for part in omniglot.PARTS:
+        rows = {row for p, row, _ in TREE if p == part}
+        if kind == "npz":
+            images = np.load(sources[part])["images"]
+            drawings[part] = {row: images[row] for row in rows}
+            continue
+        first = 1 if part == "images_background" else 965  # official character numbers
+        found: dict[int, dict[int, np.ndarray]] = {row: {} for row in rows}
+        for name, read in omniglot._png_members(part, sources[part]):
+            match = omniglot._PNG_NAME.match(name.rsplit("/", 1)[-1])
+            if match and int(match[1]) - first in rows:
+                with Image.open(io.BytesIO(read())) as image:
+                    found[int(match[1]) - first][int(match[2])] = (
+                        np.asarray(image.convert("L")) > 127
+                    )
+        drawings[part] = {row: np.stack([d[k] for k in sorted(d)]) for row, d in found.items()}
+    return drawings
 
 
 def tree_rows(real) -> list[int]:
@@ -81,8 +107,8 @@ def test_real_archives(real):
     assert real.images.amax(dim=(1, 2, 3)).min() > 100  # every drawing keeps some ink
 
 
-def test_finn_split_with_rotations(real, cached):
-    dm = OmniglotDataModule(OMNIGLOT)
+def test_finn_split_with_rotations(real, cached, omniglot_root):
+    dm = OmniglotDataModule(omniglot_root)
     dm.setup("fit")
     assert {s: len(c) for s, c in dm.classes.items()} == {"train": 4400, "val": 100, "test": 423}
     first = 1623 * 20
@@ -101,17 +127,17 @@ def test_finn_split_with_rotations(real, cached):
     assert all(c.max() < first for c in dm.classes["val"] + dm.classes["test"])
 
 
-def test_split_seed_and_rotations_option(real, cached):
-    a = OmniglotDataModule(OMNIGLOT, rotations=False)
-    b = OmniglotDataModule(OMNIGLOT, rotations=False, split_seed=1)
+def test_split_seed_and_rotations_option(real, cached, omniglot_root):
+    a = OmniglotDataModule(omniglot_root, rotations=False)
+    b = OmniglotDataModule(omniglot_root, rotations=False, split_seed=1)
     a.setup("fit")
     b.setup("fit")
     assert len(a.classes["train"]) == 1100 and len(a.images) == 1623 * 20
     assert [c[0] for c in a.classes["val"]] != [c[0] for c in b.classes["val"]]
 
 
-def test_background_split(real, cached):
-    dm = OmniglotDataModule(OMNIGLOT, split="background", rotations=False)
+def test_background_split(real, cached, omniglot_root):
+    dm = OmniglotDataModule(omniglot_root, split="background", rotations=False)
     dm.setup("fit")
     chars = {s: {int(c[0]) // 20 for c in cls} for s, cls in dm.classes.items()}
     assert chars["test"] == set(range(964, 1623))
@@ -119,8 +145,8 @@ def test_background_split(real, cached):
     assert chars["train"] | chars["val"] == set(range(964))
 
 
-def test_tasks_from_real_data(real, cached):
-    dm = OmniglotDataModule(OMNIGLOT, ways=5, shots=1, query_shots=15, hessian_shots=4)
+def test_tasks_from_real_data(real, cached, omniglot_root):
+    dm = OmniglotDataModule(omniglot_root, ways=5, shots=1, query_shots=15, hessian_shots=4)
     batch = next(iter(dm.train_dataloader()))
     assert batch.support_x.shape == (32, 5, 1, 28, 28)
     assert batch.query_x.shape == (32, 75, 1, 28, 28)
@@ -128,7 +154,7 @@ def test_tasks_from_real_data(real, cached):
     assert batch.support_x.max() <= 1 and batch.support_x.min() >= 0
     test = dm.eval_set("test")
     assert len(test) == 19 and len(test.tasks) == 600  # batches of 32 tasks
-    again = OmniglotDataModule(OMNIGLOT, ways=5, shots=1, query_shots=15, hessian_shots=4)
+    again = OmniglotDataModule(omniglot_root, ways=5, shots=1, query_shots=15, hessian_shots=4)
     assert torch.equal(test[3].query_x, again.eval_set("test")[3].query_x)
     ranks = [
         TrainTaskStream(dm.task_sampler("train"), 32, 0, rank=r, world_size=2).batch(0)
@@ -164,9 +190,15 @@ def test_png_layouts_match_the_archives(layout, real, archives, tmp_path):
     assert batch.support_x.shape == (2, 2, 1, 28, 28)
 
 
-def test_missing_root_names_the_layouts(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"looked for .*\.npz.*folders.*zips.*omniglot-py"):
+def test_missing_root_names_the_layouts_and_the_download(tmp_path):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"looked for .*\.npz.*folders.*zips.*omniglot-py.*To download it: lightning-maml "
+        r"download omniglot --root .*nowhere, or download=True",
+    ):
         OmniglotDataModule(tmp_path / "nowhere")
+    # With download=True an absent root is fine until prepare_data, which fetches it.
+    assert OmniglotDataModule(tmp_path / "nowhere", download=True).root == tmp_path / "nowhere"
 
 
 def test_incomplete_tree(tmp_path):
@@ -177,11 +209,14 @@ def test_incomplete_tree(tmp_path):
 
 @pytest.mark.parametrize("with_sums", [True, False])
 def test_truncated_archive(tmp_path, with_sums):
-    shutil.copy(OMNIGLOT / "images_evaluation.npz", tmp_path)
-    data = (OMNIGLOT / "images_background.npz").read_bytes()
-    (tmp_path / "images_background.npz").write_bytes(data[: len(data) // 2])
+    for part in omniglot.PARTS:
+        np.savez_compressed(tmp_path / f"{part}.npz", images=np.ones((3, 20, 105, 105), dtype=bool))
+    path = tmp_path / "images_background.npz"
+    data = path.read_bytes()
     if with_sums:
-        shutil.copy(OMNIGLOT / "SHA256SUMS", tmp_path)
+        digest = hashlib.sha256(data).hexdigest()
+        (tmp_path / "SHA256SUMS").write_text(f"{digest}  images_background.npz\n")
+    path.write_bytes(data[: len(data) // 2])
     dm = OmniglotDataModule(tmp_path)
     match = "does not match its SHA256SUMS" if with_sums else "corrupt or truncated"
     with pytest.raises(ValueError, match=match):
@@ -205,11 +240,11 @@ def test_bad_png(tmp_path, archives):
         read_omniglot(tmp_path)
 
 
-def test_too_many_ways_or_shots(real, cached):
+def test_too_many_ways_or_shots(real, cached, omniglot_root):
     with pytest.raises(ValueError, match=r"ways=101 but the val split .* only 100 classes"):
-        OmniglotDataModule(OMNIGLOT, ways=101).setup("fit")
+        OmniglotDataModule(omniglot_root, ways=101).setup("fit")
     with pytest.raises(ValueError, match=r"= 21 images per class, but the smallest class .* 20"):
-        OmniglotDataModule(OMNIGLOT, shots=5, query_shots=15, hessian_shots=1).setup("fit")
+        OmniglotDataModule(omniglot_root, shots=5, query_shots=15, hessian_shots=1).setup("fit")
 
 
 def test_split_that_leaves_no_training_characters(tmp_path, archives):
@@ -227,18 +262,18 @@ def test_split_that_leaves_no_training_characters(tmp_path, archives):
         ({"ways": 0}, "ways must be an integer >= 1"),
     ],
 )
-def test_bad_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        OmniglotDataModule(OMNIGLOT, **kwargs)
+def test_bad_arguments(kwargs, match, tmp_path):
+    with pytest.raises(ValueError, match=match):  # before the root is looked at
+        OmniglotDataModule(tmp_path, **kwargs)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_device_tensors_give_the_same_run_through_meta_learner(real, cached):
+def test_device_tensors_give_the_same_run_through_meta_learner(real, cached, omniglot_root):
     results = []
     for device_tensors in (False, True):
         torch.manual_seed(0)
         dm = OmniglotDataModule(
-            OMNIGLOT,
+            omniglot_root,
             query_shots=2,
             meta_batch_size=2,
             num_val_tasks=4,

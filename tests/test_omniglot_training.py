@@ -1,8 +1,9 @@
-"""A short real run: MAML on Omniglot 5-way 1-shot through MetaLearner and a Lightning Trainer."""
+"""A short real run: MAML on Omniglot 5-way 1-shot through MetaLearner and a Lightning Trainer.
+
+The real Omniglot comes from ``omniglot_root`` (tests/conftest.py).
+"""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -12,8 +13,6 @@ from datamodules.omniglot import OmniglotDataModule
 from lightning_maml import MAML
 from lightning_maml.learner import MetaLearner
 from lightning_maml.models import ConvNet
-
-OMNIGLOT = Path(__file__).parents[1] / ".." / "shared" / "data" / "omniglot"
 
 
 def trainer(**kwargs) -> L.Trainer:
@@ -29,12 +28,12 @@ def trainer(**kwargs) -> L.Trainer:
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_maml_learns_omniglot_5way_1shot():
+def test_maml_learns_omniglot_5way_1shot(omniglot_root):
     torch.manual_seed(0)
     # Meta-batch 8 and 5 query shots per class keep a step at ~0.3 s on two CPU cores; the 100
     # test tasks (500 query images) are the same before and after training.
     dm = OmniglotDataModule(
-        OMNIGLOT,
+        omniglot_root,
         ways=5,
         shots=1,
         query_shots=5,
