@@ -52,19 +52,24 @@ class Setting:
     eval_inner_steps: int = 10
     val_check_interval: int = 1000
     extra_data: tuple[tuple[str, object], ...] = ()
+    download: bool = True  # mini-ImageNet has no official file to download
 
     @property
     def shape(self) -> str:
         return f"{self.ways}w{self.shots}s"
 
 
+DOWNLOAD_DATA = (
+    "      download: true fetches it there when absent, from the official source (or the mirror",
+    "      in LIGHTNING_MAML_DATA_MIRROR), checked against pinned hashes; `lightning-maml download",
+)
 OMNIGLOT_DATA = (
-    "Data: Omniglot (Lake et al. 2015) under data/omniglot (relative to where you launch), in any",
-    "      of: images_background/ + images_evaluation/ (the python/ folder of",
-    "      https://github.com/brendenlake/omniglot, unzipped), images_background.zip +",
-    "      images_evaluation.zip (the same, zipped), omniglot-py/ (what",
-    "      torchvision.datasets.Omniglot(root, download=True) leaves), or the NumPy archives",
-    "      images_background.npz + images_evaluation.npz; see datamodules/omniglot.py.",
+    "Data: Omniglot (Lake et al. 2015) under data/omniglot (relative to where you launch).",
+    *DOWNLOAD_DATA,
+    "      omniglot` does it ahead. Also read: images_background/ + images_evaluation/ (the",
+    "      official zips, unzipped), omniglot-py/ (what torchvision.datasets.Omniglot(root,",
+    "      download=True) leaves), or the NumPy archives images_background.npz +",
+    "      images_evaluation.npz; see datamodules/omniglot.py.",
     "      Another folder: --data.init_args.root PATH.",
 )
 MINI_DATA = (
@@ -73,12 +78,15 @@ MINI_DATA = (
     "      (learn2learn.vision.datasets.MiniImagenet(root, mode=..., download=True) fetches them)",
     "      or images/ + train.csv, val.csv, test.csv (github.com/twitter-research/meta-learning-lstm);",
     "      see datamodules/miniimagenet.py. Another folder: --data.init_args.root PATH.",
+    "      No official file can be downloaded: `lightning-maml download miniimagenet` says how.",
 )
 CIFAR_DATA = (
     "      under data/cifar100: the folder cifar-100-python/ (train, test, meta) of",
     "      https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz, or what",
-    "      torchvision.datasets.CIFAR100('data/cifar100', download=True) leaves; see",
-    "      datamodules/cifar.py. Another folder: --data.init_args.root PATH.",
+    "      torchvision.datasets.CIFAR100('data/cifar100', download=True) leaves.",
+    *DOWNLOAD_DATA,
+    "      cifar100` does it ahead; see datamodules/cifar.py.",
+    "      Another folder: --data.init_args.root PATH.",
 )
 FINN = "Settings: Finn et al. 2017 (paper and reference code)"
 CIFAR_GUESS = (
@@ -132,6 +140,7 @@ def miniimagenet(ways: int, shots: int) -> Setting:
         inner_steps=5,
         meta_batch_size=4,
         ddp_devices=4,
+        download=False,
     )
 
 
@@ -296,6 +305,7 @@ def recipe(s: Setting, variant: str, ddp: bool) -> tuple[str, str]:
         f"  class_path: {s.datamodule}",
         "  init_args:",
         f"    root: {s.root}",
+        *(["    download: true"] if s.download else []),
         f"    ways: {s.ways}",
         f"    shots: {s.shots}",
         f"    query_shots: {s.query_shots}",
