@@ -1,9 +1,17 @@
 """The functional core: a task's loss, inner-loop adaptation and Hessian-vector products.
 
 Everything here is a pure function of a parameter dictionary, built on :mod:`torch.func`
-(``functional_call``, ``grad``, ``vmap``); no module is cloned or modified. Whether the inner
-loop is differentiated through (MAML) or not (FO-MAML, HF-MAML, evaluation) depends only on
-whether the caller wraps it in an outer ``torch.func.grad``: the same code serves both.
+(``functional_call``, ``grad``, ``jvp``, ``vmap``); no module is cloned or modified. Whether the
+inner loop is differentiated through (MAML's default) or not (FO-MAML, HF-MAML, MAML by
+recursion, evaluation) depends only on whether the caller wraps it in an outer
+``torch.func.grad``: the same code serves both.
+
+The meta-gradient of ``k`` inner steps ``w_{j+1} = w_j - alpha grad f_in(w_j)`` is
+``prod_j (I - alpha H_j) v`` with ``v`` the outer gradient at ``w_k``. Differentiating through
+the loop forms it by a double backward and keeps every step's second-order graph alive;
+:func:`backward_recursion` forms it step by step along the stored points ``w_j``, with a
+Hessian-vector product rule of the caller's choice (:func:`forward_hvp`, exact, or
+:func:`finite_difference_hvp`, approximate) and no graph kept between steps.
 """
 
 from __future__ import annotations
@@ -13,20 +21,45 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, grad_and_value, vmap
+from torch.func import functional_call, grad, grad_and_value, jvp, vmap
 from torch.utils._pytree import tree_map
 
 __all__ = [
+    "HvpRule",
     "Params",
     "TaskModel",
     "Trajectory",
+    "backward_recursion",
     "finite_difference_hvp",
+    "forward_hvp",
     "map_tasks",
+    "mse_loss",
     "tree_norm",
 ]
 
 Params = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
+#: ``hvp(w, v)``: the product of the Hessian at ``w`` (of a loss the rule knows) with ``v``.
+HvpRule = Callable[[Params, Params], Params]
+
+
+def mse_loss(prediction: Tensor, target: Tensor) -> Tensor:
+    """The mean squared error ``mean((prediction - target)^2)``, as ``F.mse_loss`` computes it.
+
+    Written out because ``F.mse_loss`` fails under forward-over-reverse differentiation in
+    torch 2.13 ("ZeroTensors are immutable"), which :func:`forward_hvp` uses.
+
+    Raises:
+        ValueError: If the shapes differ (``F.mse_loss`` would only warn and broadcast, which
+            pairs every prediction with every target).
+    """
+    if prediction.shape != target.shape:
+        raise ValueError(
+            f"mse_loss got predictions of shape {tuple(prediction.shape)} and targets of shape "
+            f"{tuple(target.shape)}: give the targets the model's output shape (for one output, "
+            "targets shaped (examples, 1))."
+        )
+    return (prediction - target).square().mean()
 
 
 def tree_norm(tree: Params) -> Tensor:
@@ -147,6 +180,65 @@ def finite_difference_hvp(
         plus = grad(task.loss)(axpy(delta, vector, params), x, y)
         minus = grad(task.loss)(axpy(-delta, vector, params), x, y)
     return {n: (plus[n] - minus[n]) / (2 * delta) for n in plus}
+
+
+def forward_hvp(task: TaskModel, params: Params, vector: Params, x: Tensor, y: Tensor) -> Params:
+    """The exact Hessian-vector product ``hess f(w) v`` by forward-over-reverse differentiation.
+
+    ``torch.func.jvp`` of ``torch.func.grad``: the directional derivative of the gradient at
+    ``w`` along ``v``, exact up to rounding, at a small constant multiple of a gradient's cost
+    and with no graph kept after it returns (B. A. Pearlmutter, Fast Exact Multiplication by
+    the Hessian, Neural Computation 1994).
+    Evaluated in the parameters' precision even under mixed-precision autocast, like
+    :func:`finite_difference_hvp`.
+
+    Raises:
+        RuntimeError: If the loss does not support forward-mode differentiation, as
+            ``F.mse_loss`` does not in torch 2.13 (use :func:`mse_loss`).
+    """
+    with torch.autocast(x.device.type, enabled=False):
+        if torch.compiler.is_compiling():
+            # Dynamo (torch 2.13) fails to trace a jvp under vmap whose function closes over
+            # the input ("Tensor device mismatch"); as a primal with a zero tangent it traces.
+            return jvp(
+                lambda p, x: grad(task.loss)(p, x, y), (params, x), (vector, torch.zeros_like(x))
+            )[1]
+        try:
+            return jvp(lambda p: grad(task.loss)(p, x, y), (params,), (vector,))[1]
+        except RuntimeError as error:
+            if "ZeroTensors are immutable" not in str(error):
+                raise
+            raise RuntimeError(
+                "The loss does not support forward-mode differentiation, which exact "
+                "Hessian-vector products (MAML(backward='recursion'), HFMAML(hvp='forward')) "
+                "use: F.mse_loss fails this way in torch 2.13. Use "
+                "lightning_maml.functional.mse_loss (MetaLearner(loss='mse') does), or "
+                "MAML(backward='graph') / HFMAML(hvp='finite_difference')."
+            ) from error
+
+
+def backward_recursion(
+    vector: Params, points: list[Params], inner_lr: float, hvp: HvpRule
+) -> Params:
+    """``prod_j (I - inner_lr * H_j) v``, the derivative of k inner steps applied to ``v``.
+
+    With the inner steps ``w_{j+1} = w_j - alpha grad f_in(w_j)`` and ``H_j`` the Hessian at
+    ``w_j`` (of the loss that ``hvp`` takes it on), the chain rule gives
+    ``g_k = v``, ``g_j = g_{j+1} - alpha H_j g_{j+1}`` for ``j = k-1 .. 0``, and returns ``g_0``.
+    Each step needs one product ``hvp(w_j, g_{j+1})`` and nothing of the other steps, so no
+    graph is kept between steps. With an exact ``hvp`` (:func:`forward_hvp`) this is MAML's
+    meta-gradient (Finn et al. 2017) when ``v`` is the outer gradient at ``w_k``; with
+    :func:`finite_difference_hvp` it is HF-MAML's (Fallah et al. 2020, and its k-step extension).
+
+    Args:
+        vector: ``v``.
+        points: ``w_0 .. w_{k-1}``.
+        inner_lr: alpha.
+        hvp: The Hessian-vector product rule, ``hvp(w_j, g) -> H_j g``.
+    """
+    for point in reversed(points):
+        vector = axpy(-inner_lr, hvp(point, vector), vector)
+    return vector
 
 
 def map_tasks(fn: Callable, params: Params, data: dict[str, Tensor]):

@@ -17,13 +17,14 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from lightning_maml.algorithms.base import Evaluation, MetaAlgorithm, MetaStep
+from lightning_maml.functional import mse_loss
 from lightning_maml.metrics import MeanWithCI, task_accuracy
 from lightning_maml.tasks import TaskBatch
 
 __all__ = ["MetaLearner"]
 
 LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "mse": nn.functional.mse_loss,
+    "mse": mse_loss,  # written out: F.mse_loss fails under forward-mode HVPs (torch 2.13)
     "cross_entropy": nn.functional.cross_entropy,
 }
 

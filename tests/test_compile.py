@@ -7,12 +7,12 @@ import pickle
 import lightning as L
 import pytest
 import torch
-from torch import nn
 from torch._dynamo.utils import counters
 
 from datamodules import SinusoidDataModule
 from datamodules.base import TrainTaskStream
 from lightning_maml import FOMAML, HFMAML, MAML, MetaLearner
+from lightning_maml.functional import mse_loss
 from lightning_maml.models import MLP
 
 pytestmark = pytest.mark.slow  # each case compiles (seconds to tens of seconds on a CPU)
@@ -42,16 +42,17 @@ def _fresh_dynamo():
         lambda **k: MAML(0.01, 1, hessian_batch="independent", **k),
         lambda **k: FOMAML(0.01, 2, **k),
         lambda **k: HFMAML(0.01, 2, **k),
+        lambda **k: MAML(0.01, 2, hessian_batch="independent", backward="recursion", **k),
     ],
-    ids=["MAML-2steps", "MAML-independent", "FOMAML-2steps", "HFMAML-2steps"],
+    ids=["MAML-2steps", "MAML-independent", "FOMAML-2steps", "HFMAML-2steps", "MAML-recursion"],
 )
 def test_compiled_meta_gradient_matches_eager(variant):
     torch.manual_seed(0)
     model = MLP(hidden=16)
     tasks = batch()
-    eager = variant().meta_gradient(model, nn.functional.mse_loss, tasks)
+    eager = variant().meta_gradient(model, mse_loss, tasks)
     compiled_algorithm = variant(compile=True)
-    compiled = compiled_algorithm.meta_gradient(model, nn.functional.mse_loss, tasks)
+    compiled = compiled_algorithm.meta_gradient(model, mse_loss, tasks)
     for name, grad in eager.grads.items():
         # Inductor fuses and reorders float32 sums; HF-MAML's difference quotient divides that
         # rounding by 2 delta, so it gets a looser tolerance.
@@ -63,7 +64,7 @@ def test_compiled_meta_gradient_matches_eager(variant):
 
     # A new batch of the same shape reuses the compiled graph.
     graphs = counters["stats"]["unique_graphs"]
-    compiled_algorithm.meta_gradient(model, nn.functional.mse_loss, batch(seed=1))
+    compiled_algorithm.meta_gradient(model, mse_loss, batch(seed=1))
     assert counters["stats"]["unique_graphs"] == graphs
 
 
@@ -97,9 +98,9 @@ def test_compiled_bf16_trainer_runs_and_stays_close_to_float32():
     tasks = batch()
     torch.manual_seed(0)
     model = MLP(hidden=16)
-    exact = HFMAML(0.01).meta_gradient(model, nn.functional.mse_loss, tasks)
+    exact = HFMAML(0.01).meta_gradient(model, mse_loss, tasks)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed = HFMAML(0.01, compile=True).meta_gradient(model, nn.functional.mse_loss, tasks)
+        mixed = HFMAML(0.01, compile=True).meta_gradient(model, mse_loss, tasks)
     flat = lambda grads: torch.cat([g.float().flatten() for g in grads.values()])  # noqa: E731
     error = (flat(mixed.grads) - flat(exact.grads)).norm() / flat(exact.grads).norm()
     assert error < 0.05  # the same bound as the eager bf16 test (tests/test_precision.py)
@@ -110,10 +111,10 @@ def test_compiled_algorithm_pickles_without_its_compiled_functions():
     algorithm = FOMAML(0.01, compile=True)
     model = MLP(hidden=16)
     tasks = batch()
-    before = algorithm.meta_gradient(model, nn.functional.mse_loss, tasks)
+    before = algorithm.meta_gradient(model, mse_loss, tasks)
     copy = pickle.loads(pickle.dumps(algorithm))  # what ddp_spawn does to the LightningModule
     assert "_compiled" not in vars(copy)
     assert copy.hparams() == algorithm.hparams()
-    after = copy.meta_gradient(model, nn.functional.mse_loss, tasks)
+    after = copy.meta_gradient(model, mse_loss, tasks)
     for name, grad in before.grads.items():
         torch.testing.assert_close(after.grads[name], grad)

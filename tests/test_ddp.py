@@ -59,12 +59,13 @@ def fit(algorithm, directory, devices: int, max_steps: int = 8, ckpt_path=None, 
     "algorithm",
     [
         MAML(0.05, 2),
+        MAML(0.05, 2, hessian_batch="independent", backward="recursion"),
         FOMAML(0.05),
         HFMAML(0.05, hessian_batch="independent"),
         # Each process compiles its own copy (compiled functions are not pickled by ddp_spawn).
         FOMAML(0.05, 2, compile=True),
     ],
-    ids=["MAML", "FOMAML", "HFMAML", "FOMAML-compiled"],
+    ids=["MAML", "MAML-recursion", "FOMAML", "HFMAML", "FOMAML-compiled"],
 )
 def test_two_ranks_match_one_process(algorithm, tmp_path):
     if algorithm.compile:

@@ -8,6 +8,7 @@ from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
+from torch.func import grad_and_value
 
 from lightning_maml.functional import LossFn, Params, TaskModel, Trajectory, map_tasks
 from lightning_maml.tasks import TaskBatch
@@ -148,6 +149,37 @@ class MetaAlgorithm:
         """The sum over a chunk of tasks of their meta-gradients, and per-task statistics."""
         grads, stats = map_tasks(lambda p, d: self.task_meta_gradient(task, p, d), params, data)
         return {n: g.sum(0) for n, g in grads.items()}, stats
+
+    # -- pieces the variants share ---------------------------------------------------------
+
+    def outer_gradient(
+        self, task: TaskModel, params: Params, data: dict[str, Tensor], keep_points: bool
+    ) -> tuple[Params, Trajectory, dict[str, Tensor]]:
+        """One task's inner loop without a second-order graph, and the outer gradient after it.
+
+        Returns ``v = grad f_o(w_k, D_o)`` at the adapted point, the inner trajectory (with the
+        points ``w_0 .. w_{k-1}`` when ``keep_points``) and the task's statistics.
+        """
+        adapted, trajectory = task.adapt(
+            params,
+            data["support_x"],
+            data["support_y"],
+            self.inner_lr,
+            self.inner_steps,
+            keep_points=keep_points,
+        )
+        outer, (loss, prediction) = grad_and_value(task.loss_and_prediction, has_aux=True)(
+            adapted, data["query_x"], data["query_y"]
+        )
+        stats = query_stats(
+            task, params, trajectory, loss, prediction, data, self.track_loss_before
+        )
+        return outer, trajectory, stats
+
+    def hessian_set(self, data: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """The data the Hessian terms are taken on: ``D_h`` (independent) or ``D_in`` (inner)."""
+        split = "hessian" if self.hessian_batch == "independent" else "support"
+        return data[f"{split}_x"], data[f"{split}_y"]
 
     # -- the shared machinery --------------------------------------------------------------
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from torch import Tensor
-from torch.func import grad_and_value
 
-from lightning_maml.algorithms.base import ChunkSize, CompileMode, MetaAlgorithm, query_stats
+from lightning_maml.algorithms.base import ChunkSize, CompileMode, MetaAlgorithm
 from lightning_maml.functional import Params, TaskModel
 
 __all__ = ["FOMAML"]
@@ -51,12 +50,5 @@ class FOMAML(MetaAlgorithm):
     def task_meta_gradient(
         self, task: TaskModel, params: Params, data: dict[str, Tensor]
     ) -> tuple[Params, dict[str, Tensor]]:
-        adapted, trajectory = task.adapt(
-            params, data["support_x"], data["support_y"], self.inner_lr, self.inner_steps
-        )
-        outer, (loss, prediction) = grad_and_value(task.loss_and_prediction, has_aux=True)(
-            adapted, data["query_x"], data["query_y"]
-        )
-        return outer, query_stats(
-            task, params, trajectory, loss, prediction, data, self.track_loss_before
-        )
+        outer, _, stats = self.outer_gradient(task, params, data, keep_points=False)
+        return outer, stats

@@ -6,16 +6,16 @@ from typing import Literal
 
 import torch
 from torch import Tensor
-from torch.func import grad_and_value
 
-from lightning_maml.algorithms.base import (
-    ChunkSize,
-    CompileMode,
-    HessianBatch,
-    MetaAlgorithm,
-    query_stats,
+from lightning_maml.algorithms.base import ChunkSize, CompileMode, HessianBatch, MetaAlgorithm
+from lightning_maml.functional import (
+    Params,
+    TaskModel,
+    backward_recursion,
+    finite_difference_hvp,
+    forward_hvp,
+    tree_norm,
 )
-from lightning_maml.functional import Params, TaskModel, axpy, finite_difference_hvp, tree_norm
 
 __all__ = ["HFMAML"]
 
@@ -23,6 +23,8 @@ __all__ = ["HFMAML"]
 THEORY_DELTA_DENOMINATOR = 6.0
 #: delta = DEFAULT_DELTA_SCALE / ||v|| when no rule is given.
 DEFAULT_DELTA_SCALE = 0.01
+
+Hvp = Literal["finite_difference", "forward"]
 
 
 class HFMAML(MetaAlgorithm):
@@ -40,7 +42,14 @@ class HFMAML(MetaAlgorithm):
     With ``inner_steps = k > 1`` (beyond the paper; this project's extension) the product
     ``prod_j (I - alpha hess f_i(w_j))`` is applied backwards along the stored inner trajectory:
     ``g_k = v_i``, ``g_j = g_{j+1} - alpha d_j(g_{j+1})`` with ``d_j`` the finite difference at
-    ``w_j`` in the direction ``g_{j+1}``, and the task's meta-gradient is ``g_0``.
+    ``w_j`` in the direction ``g_{j+1}``, and the task's meta-gradient is ``g_0``
+    (:func:`~lightning_maml.functional.backward_recursion`).
+
+    ``hvp`` chooses how each product ``hess f_i(w_j) g`` is formed: ``"finite_difference"``
+    (default, the paper's ``d_j``: two gradients) or ``"forward"`` (exact, by forward-over-reverse
+    differentiation: :func:`~lightning_maml.functional.forward_hvp`; more compute per product,
+    the same memory). With ``"forward"`` the result is MAML's exact meta-gradient, as
+    ``MAML(backward="recursion")`` computes it, and delta plays no part.
 
     The step delta (one rule):
 
@@ -60,10 +69,12 @@ class HFMAML(MetaAlgorithm):
         task_chunk_size: Tasks per vectorised call (see :class:`MetaAlgorithm`).
         track_loss_before: Also report the pre-adaptation query loss (see :class:`MetaAlgorithm`).
         compile: Compile the per-chunk computation with ``torch.compile`` (see :class:`MetaAlgorithm`).
+        hvp: ``"finite_difference"`` or ``"forward"``, as above.
 
     References:
         A. Fallah, A. Mokhtari, A. Ozdaglar. On the Convergence Theory of Gradient-Based
         Model-Agnostic Meta-Learning Algorithms. AISTATS 2020 (Section 6, HF-MAML).
+        B. A. Pearlmutter. Fast Exact Multiplication by the Hessian. Neural Computation 1994.
     """
 
     def __init__(
@@ -77,10 +88,24 @@ class HFMAML(MetaAlgorithm):
         task_chunk_size: ChunkSize = "auto",
         track_loss_before: bool = False,
         compile: bool | CompileMode = False,
+        hvp: Hvp = "finite_difference",
     ) -> None:
         super().__init__(
             inner_lr, inner_steps, hessian_batch, task_chunk_size, track_loss_before, compile
         )
+        if hvp not in ("finite_difference", "forward"):
+            raise ValueError(
+                f"HFMAML hvp must be 'finite_difference' or 'forward' (exact products), got {hvp!r}."
+            )
+        self.hvp = hvp
+        if hvp == "forward":
+            if (delta, rho, delta_scale) != (None, None, None):
+                raise ValueError(
+                    "HFMAML(hvp='forward') forms exact products and takes no delta, rho or "
+                    "delta_scale: drop them, or use hvp='finite_difference'."
+                )
+            self.delta = self.rho = self.delta_scale = None
+            return
         if delta is not None and delta_scale is not None:
             raise ValueError("Give HFMAML either delta or delta_scale, not both.")
         if delta == "theory":
@@ -125,30 +150,22 @@ class HFMAML(MetaAlgorithm):
     def task_meta_gradient(
         self, task: TaskModel, params: Params, data: dict[str, Tensor]
     ) -> tuple[Params, dict[str, Tensor]]:
-        adapted, trajectory = task.adapt(
-            params,
-            data["support_x"],
-            data["support_y"],
-            self.inner_lr,
-            self.inner_steps,
-            keep_points=True,
-        )
-        direction, (loss, prediction) = grad_and_value(task.loss_and_prediction, has_aux=True)(
-            adapted, data["query_x"], data["query_y"]
-        )
-        split = "hessian" if self.hessian_batch == "independent" else "support"
-        x_h, y_h = data[f"{split}_x"], data[f"{split}_y"]
-        deltas, hvp_norms = [], []
-        for point in reversed(trajectory.points):
-            delta = self.step_size(tree_norm(direction))
-            hvp = finite_difference_hvp(task, point, direction, delta, x_h, y_h)
-            direction = axpy(-self.inner_lr, hvp, direction)
-            deltas.append(delta)
-            hvp_norms.append(tree_norm(hvp))
-        stats = query_stats(
-            task, params, trajectory, loss, prediction, data, self.track_loss_before
-        )
-        # Reported in inner-step order j = 0 .. k-1, like the other per-step statistics.
-        stats["delta"] = torch.stack(deltas[::-1])
-        stats["hvp_norms"] = torch.stack(hvp_norms[::-1])
-        return direction, stats
+        outer, trajectory, stats = self.outer_gradient(task, params, data, keep_points=True)
+        x_h, y_h = self.hessian_set(data)
+        deltas, norms = [], []
+
+        def hvp(point: Params, vector: Params) -> Params:
+            if self.hvp == "forward":
+                product = forward_hvp(task, point, vector, x_h, y_h)
+            else:
+                deltas.append(self.step_size(tree_norm(vector)))
+                product = finite_difference_hvp(task, point, vector, deltas[-1], x_h, y_h)
+            norms.append(tree_norm(product))
+            return product
+
+        grads = backward_recursion(outer, trajectory.points, self.inner_lr, hvp)
+        # The recursion runs j = k-1 .. 0; reported in inner-step order like the other statistics.
+        if deltas:
+            stats["delta"] = torch.stack(deltas[::-1])
+        stats["hvp_norms"] = torch.stack(norms[::-1])
+        return grads, stats

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Literal
+
 from torch import Tensor
 from torch.func import grad
 
-from lightning_maml.algorithms.base import MetaAlgorithm, query_stats
-from lightning_maml.functional import Params, TaskModel
+from lightning_maml.algorithms.base import (
+    ChunkSize,
+    CompileMode,
+    HessianBatch,
+    MetaAlgorithm,
+    query_stats,
+)
+from lightning_maml.functional import Params, TaskModel, backward_recursion, forward_hvp
 
 __all__ = ["MAML"]
+
+Backward = Literal["graph", "recursion"]
 
 
 class MAML(MetaAlgorithm):
@@ -22,7 +33,24 @@ class MAML(MetaAlgorithm):
     the Hessians on the support set ``D_in`` (Finn et al. 2017: backpropagation through the
     inner loop; a biased estimate of grad F); ``"independent"`` takes them on the task's own
     Hessian set ``D_h`` (the unbiased estimator of Fallah et al. 2020) while the inner steps
-    themselves still use ``D_in``. The cost is a double backward per inner step.
+    themselves still use ``D_in``.
+
+    Two ways to compute the same meta-gradient (``backward``):
+
+    - ``"graph"`` (default): differentiate through the inner loop, a double backward. Every
+      inner step's second-order graph stays alive until the meta-backward, so memory grows
+      with ``inner_steps``.
+    - ``"recursion"``: run the inner loop without a second-order graph, keep its points
+      ``w_0 .. w_{k-1}``, take the outer gradient ``v`` at ``w_k`` and apply
+      ``g_k = v``, ``g_j = g_{j+1} - alpha hess f_i(w_j) g_{j+1}`` backwards, each product exact
+      by forward-over-reverse differentiation (:func:`~lightning_maml.functional.forward_hvp`).
+      Memory stays near FO-MAML's whatever ``inner_steps`` (one step's work at a time, plus
+      the k points); each step costs one Hessian-vector product, more compute than HF-MAML's
+      finite difference. It is HF-MAML's backward recursion with exact products, so it agrees
+      with ``"graph"`` up to rounding. The loss must support forward-mode differentiation
+      (``F.mse_loss`` does not in torch 2.13: use :func:`~lightning_maml.functional.mse_loss`,
+      which ``MetaLearner(loss="mse")`` uses). Hessian-vector products are evaluated in the
+      parameters' precision under mixed-precision autocast.
 
     Args:
         inner_lr: The inner step size alpha (> 0).
@@ -31,17 +59,46 @@ class MAML(MetaAlgorithm):
         task_chunk_size: Tasks per vectorised call (see :class:`MetaAlgorithm`).
         track_loss_before: Also report the pre-adaptation query loss (see :class:`MetaAlgorithm`).
         compile: Compile the per-chunk computation with ``torch.compile`` (see :class:`MetaAlgorithm`).
+        backward: ``"graph"`` or ``"recursion"``, as above.
 
     References:
         C. Finn, P. Abbeel, S. Levine. Model-Agnostic Meta-Learning for Fast Adaptation of Deep
         Networks. ICML 2017.
         A. Fallah, A. Mokhtari, A. Ozdaglar. On the Convergence Theory of Gradient-Based
         Model-Agnostic Meta-Learning Algorithms. AISTATS 2020 (Algorithm 1, MAML).
+        B. A. Pearlmutter. Fast Exact Multiplication by the Hessian. Neural Computation 1994.
     """
+
+    def __init__(
+        self,
+        inner_lr: float,
+        inner_steps: int = 1,
+        hessian_batch: HessianBatch = "inner",
+        task_chunk_size: ChunkSize = "auto",
+        track_loss_before: bool = False,
+        compile: bool | CompileMode = False,
+        backward: Backward = "graph",
+    ) -> None:
+        super().__init__(
+            inner_lr, inner_steps, hessian_batch, task_chunk_size, track_loss_before, compile
+        )
+        if backward not in ("graph", "recursion"):
+            raise ValueError(
+                f"MAML backward must be 'graph' (differentiate through the inner loop) or "
+                f"'recursion' (exact Hessian-vector products along the inner trajectory, "
+                f"first-order memory), got {backward!r}."
+            )
+        self.backward = backward
 
     def task_meta_gradient(
         self, task: TaskModel, params: Params, data: dict[str, Tensor]
     ) -> tuple[Params, dict[str, Tensor]]:
+        if self.backward == "recursion":
+            outer, trajectory, stats = self.outer_gradient(task, params, data, keep_points=True)
+            x_h, y_h = self.hessian_set(data)
+            hvp = functools.partial(forward_hvp, task, x=x_h, y=y_h)
+            return backward_recursion(outer, trajectory.points, self.inner_lr, hvp), stats
+
         hessian = (
             (data["hessian_x"], data["hessian_y"]) if self.hessian_batch == "independent" else None
         )
