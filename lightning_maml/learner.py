@@ -14,7 +14,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, SumMetric
 
 from lightning_maml.algorithms.base import Evaluation, MetaAlgorithm, MetaStep
 from lightning_maml.functional import mse_loss
@@ -106,6 +106,49 @@ def _canonical(class_path: Any) -> Any:
         return class_path
 
 
+def _check_targets(loss: str | None, prediction: Tensor, targets: Tensor, split: str) -> None:
+    """Raises ``ValueError`` if ``targets`` (all tasks) do not suit ``prediction`` (one task).
+
+    Shapes are compared per example: the sets of a task differ in their number of examples.
+    """
+    predicted, given = tuple(prediction.shape[1:]), tuple(targets.shape[2:])
+    if loss == "mse":
+        if not targets.is_floating_point():
+            raise ValueError(
+                f"loss='mse' needs floating-point targets, but the {split} targets are "
+                f"{targets.dtype}: for class labels use loss='cross_entropy'."
+            )
+        if given != predicted:
+            raise ValueError(
+                f"loss='mse' compares predictions with targets element by element, but the model "
+                f"predicts {predicted} per example and the {split} targets are {given} per "
+                f"example (tasks, examples, *{given}). Shape the targets like the predictions, "
+                f"(tasks, examples, *{predicted}) (e.g. y.unsqueeze(-1)), rather than let them "
+                "broadcast."
+            )
+    elif loss == "cross_entropy":
+        if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+            raise ValueError(
+                f"loss='cross_entropy' needs integer class labels, but the {split} targets are "
+                f"{targets.dtype}: convert labels with .long(), or use loss='mse' for regression."
+            )
+        if len(predicted) != 1 or given != ():
+            raise ValueError(
+                f"loss='cross_entropy' needs one label per example, (tasks, examples), and one "
+                f"score per class from the model: it predicts {predicted} per example and the "
+                f"{split} labels are {given} per example."
+            )
+        classes = predicted[0]
+        low, high = int(targets.min()), int(targets.max())
+        if low < 0 or high >= classes:
+            raise ValueError(
+                f"The {split} labels go from {low} to {high}, but the model has {classes} "
+                f"outputs: the tasks have more ways than the model. Give the model one output "
+                f"per way (e.g. --model.model.init_args.ways {high + 1}), or the data as many "
+                f"ways as the model (--data.init_args.ways {classes})."
+            )
+
+
 class MetaLearner(LightningModule):
     """Meta-trains a model with a MAML-family algorithm under any Lightning ``Trainer``.
 
@@ -186,6 +229,8 @@ class MetaLearner(LightningModule):
         self.model = model
         self.algorithm = algorithm
         self.loss_fn = loss_fn
+        #: The loss by name ("mse", "cross_entropy"), or None for a callable.
+        self.loss_name = loss if isinstance(loss, str) else None
         self.meta_optimizer = meta_optimizer
         self.lr_scheduler = lr_scheduler
         self.gradient_clip_val = gradient_clip_val
@@ -203,6 +248,11 @@ class MetaLearner(LightningModule):
         # not a multiple of the number of ranks.
         for stage in ("val", "test"):
             self.eval_metrics[f"{stage}_loss_before"] = MeanMetric()
+            # Tasks evaluated, and those whose adapted query loss is not finite, over all ranks.
+            self.eval_metrics[f"{stage}_tasks"] = SumMetric()
+            self.eval_metrics[f"{stage}_diverged"] = SumMetric()
+        # The stages whose first batch was checked against the model and the loss.
+        self._checked_stages: set[str] = set()
         #: The last training step's :class:`MetaStep` (statistics for callbacks).
         self.last_meta_step: MetaStep | None = None
         #: The last evaluation batch's :class:`Evaluation`.
@@ -309,7 +359,37 @@ class MetaLearner(LightningModule):
 
     # -- training --------------------------------------------------------------------------
 
+    def check_batch(self, batch: TaskBatch) -> None:
+        """Raises ``ValueError`` if ``batch`` does not suit the model and the loss.
+
+        One forward pass of the model on the first task's support set, then, for a loss given
+        by name, the targets of every set against its predictions: ``"mse"`` needs floating
+        targets shaped exactly like the predictions (no silent broadcasting), and
+        ``"cross_entropy"`` integer labels, one per example, within the model's classes.
+        MetaLearner calls it on the first batch of each stage.
+        """
+        if not isinstance(batch, TaskBatch):
+            raise ValueError(
+                f"MetaLearner takes batches of tasks (lightning_maml.TaskBatch), got "
+                f"{type(batch).__name__}: use a datamodule of datamodules/ or yield TaskBatch."
+            )
+        try:
+            with torch.no_grad():
+                prediction = self.model(batch.support_x[0])
+        except RuntimeError as err:
+            raise ValueError(
+                f"The model cannot take this batch's inputs (one task's support_x is shaped "
+                f"{tuple(batch.support_x.shape[1:])}): {err}"
+            ) from err
+        for split in ("support", "query", "hessian"):
+            targets = getattr(batch, f"{split}_y")
+            if targets is not None:
+                _check_targets(self.loss_name, prediction, targets, split)
+
     def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
+        if "train" not in self._checked_stages:
+            self.check_batch(batch)
+            self._checked_stages.add("train")
         optimizer = self.optimizers()
         step = self.algorithm.meta_gradient(self.model, self.loss_fn, batch)
         self.last_meta_step = step
@@ -381,33 +461,66 @@ class MetaLearner(LightningModule):
             return self.algorithm.evaluate(self.model, self.loss_fn, batch, steps)
 
     def _eval_step(self, batch: TaskBatch, stage: str) -> None:
+        if stage not in self._checked_stages:
+            self.check_batch(batch)
+            self._checked_stages.add(stage)
         result = self.evaluate(batch)
         self.last_evaluation = result
+        self.eval_metrics[f"{stage}_tasks"].update(float(batch.num_tasks))
+        self.eval_metrics[f"{stage}_diverged"].update(
+            (~torch.isfinite(result.task_losses)).sum().double()
+        )
         self.eval_metrics[f"{stage}_loss"].update(result.task_losses)
         accuracy = self._accuracy(result, batch)
         if accuracy is not None:
             self.eval_metrics[f"{stage}_accuracy"].update(accuracy)
         self.eval_metrics[f"{stage}_loss_before"].update(result.loss_before, batch.num_tasks)
 
-    def _eval_epoch_end(self, stage: str) -> None:
-        for name in ("loss", "accuracy"):
-            metric = self.eval_metrics[f"{stage}_{name}"]
-            # Every rank computes (a collective under DDP), also one that had no batch to
-            # evaluate; the reduced result, the same on every rank, decides what is logged.
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*was called before the ``update``")
-                mean, ci95 = metric.compute()
-            metric.reset()
-            if torch.isfinite(mean):
-                self.log(f"{stage}/{name}", mean.float(), prog_bar=True)
-                self.log(f"{stage}/{name}_ci95", ci95.float())
-        before = self.eval_metrics[f"{stage}_loss_before"]
+    def _compute(self, key: str) -> Any:
+        """Computes and resets one evaluation metric.
+
+        Every rank computes (a collective under DDP), also one that had no batch to evaluate;
+        the reduced result, the same on every rank, decides what is logged.
+        """
+        metric = self.eval_metrics[key]
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*was called before the ``update``")
-            mean = before.compute()
-        before.reset()
-        if torch.isfinite(mean):
-            self.log(f"{stage}/loss_before", mean.float())
+            value = metric.compute()
+        metric.reset()
+        return value
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        tasks = int(self._compute(f"{stage}_tasks"))
+        diverged = int(self._compute(f"{stage}_diverged"))
+        for name in ("loss", "accuracy"):
+            mean, ci95 = self._compute(f"{stage}_{name}")
+            # The loss of evaluated tasks is logged even when it is not finite: a monitored key
+            # must not vanish. Accuracy exists only for classification.
+            if (name == "loss" and tasks) or torch.isfinite(mean):
+                self.log(f"{stage}/{name}", mean.float(), prog_bar=True)
+                self.log(f"{stage}/{name}_ci95", ci95.float())
+        before = self._compute(f"{stage}_loss_before")
+        if tasks:
+            self.log(f"{stage}/loss_before", before.float())
+        if diverged:
+            self._warn_diverged(stage, tasks, diverged)
+
+    def _warn_diverged(self, stage: str, tasks: int, diverged: int) -> None:
+        algorithm = self.algorithm
+        steps = self.eval_inner_steps or algorithm.inner_steps
+        longer = (
+            f" (training adapts {algorithm.inner_steps})" if steps != algorithm.inner_steps else ""
+        )
+        where = f"at global step {self.global_step}" if stage == "val" else "in testing"
+        rank_zero_warn(
+            f"{stage}/loss is not finite {where}: the adapted query loss diverged on {diverged} "
+            f"of {tasks} {stage} tasks, adapting {steps} steps with inner_lr "
+            f"{algorithm.inner_lr:g}{longer}. The likely cause is an inner step size too "
+            "large for that many steps. Lower model.algorithm.init_args.inner_lr or "
+            "model.eval_inner_steps to evaluate; training itself goes on"
+            + (" and its checkpoints are kept." if stage == "val" else "."),
+            category=UserWarning,
+        )
 
     def validation_step(self, batch: TaskBatch, batch_idx: int) -> None:
         self._eval_step(batch, "val")

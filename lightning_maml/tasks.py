@@ -20,7 +20,7 @@ class TaskBatch:
     Hessian term of MAML, or the finite difference of HF-MAML).
 
     Args:
-        support_x: Support inputs, shaped ``(tasks, shots, ...)``.
+        support_x: Support inputs, shaped ``(tasks, shots, features...)``.
         support_y: Support targets, shaped ``(tasks, shots, ...)``.
         query_x: Query inputs, shaped ``(tasks, query_shots, ...)``.
         query_y: Query targets, shaped ``(tasks, query_shots, ...)``.
@@ -28,9 +28,11 @@ class TaskBatch:
         hessian_y: Optional Hessian-batch targets; given exactly when ``hessian_x`` is.
 
     Raises:
-        ValueError: If a tensor has no task dimension, the tensors disagree in the number of
+        ValueError: If a tensor has no task dimension (or an input no feature dimension), the
+            batch has no tasks or a set no examples, the tensors disagree in the number of
             tasks, inputs and targets disagree in the number of examples, or only one of
-            ``hessian_x`` / ``hessian_y`` is given.
+            ``hessian_x`` / ``hessian_y`` is given. Whether the targets suit the model and the
+            loss is checked by :class:`~lightning_maml.MetaLearner` at its first batch.
     """
 
     support_x: Tensor
@@ -57,6 +59,14 @@ class TaskBatch:
                     f"TaskBatch.{name} has shape {tuple(tensor.shape)}; every tensor needs a "
                     "task dimension and an example dimension: (tasks, examples, ...)."
                 )
+        for name, tensor in tensors.items():
+            if name.endswith("_x") and tensor.dim() < 3:
+                raise ValueError(
+                    f"TaskBatch.{name} has shape {tuple(tensor.shape)}, but inputs need a task, "
+                    "an example and a feature dimension: (tasks, examples, features...). One "
+                    "task without its task dimension? Add it with x.unsqueeze(0) (and the "
+                    "same for the other tensors)."
+                )
         counts = {name: tensor.shape[0] for name, tensor in tensors.items()}
         if len(set(counts.values())) > 1:
             listed = ", ".join(f"{name}: {n}" for name, n in counts.items())
@@ -64,8 +74,15 @@ class TaskBatch:
                 "TaskBatch tensors disagree in the task dimension (dim 0): "
                 f"{listed}. Give every tensor the same number of tasks."
             )
+        if self.num_tasks == 0:
+            raise ValueError("TaskBatch has no tasks (dimension 0 is empty): give at least one.")
         for split in ("support", "query", "hessian"):
             x, y = getattr(self, f"{split}_x"), getattr(self, f"{split}_y")
+            if x is not None and x.shape[1] == 0:
+                raise ValueError(
+                    f"TaskBatch.{split}_x has no examples (dimension 1 is empty): every task "
+                    f"needs at least one {split} example."
+                )
             if x is not None and x.shape[1] != y.shape[1]:
                 raise ValueError(
                     f"TaskBatch.{split}_x has {x.shape[1]} examples per task but "

@@ -110,9 +110,13 @@ class MetaAlgorithm:
         track_loss_before: bool = False,
         compile: bool | CompileMode = False,
     ) -> None:
-        if isinstance(inner_lr, bool) or not isinstance(inner_lr, (int, float)) or not inner_lr > 0:
+        if (
+            isinstance(inner_lr, bool)
+            or not isinstance(inner_lr, (int, float))
+            or not 0 < inner_lr < float("inf")
+        ):
             raise ValueError(
-                f"inner_lr must be a positive number, got {inner_lr!r}: it is the inner step "
+                f"inner_lr must be a positive finite number, got {inner_lr!r}: it is the inner step "
                 "size alpha, e.g. 0.01 for sinusoids or 0.4 for Omniglot 5-way."
             )
         _check_positive_int("inner_steps", inner_steps)

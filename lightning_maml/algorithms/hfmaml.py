@@ -107,7 +107,11 @@ class HFMAML(MetaAlgorithm):
             self.delta = self.rho = self.delta_scale = None
             return
         if delta is not None and delta_scale is not None:
-            raise ValueError("Give HFMAML either delta or delta_scale, not both.")
+            raise ValueError(
+                f"Give HFMAML either delta or delta_scale, not both (got delta={delta!r} and "
+                f"delta_scale={delta_scale!r}). The recipes set delta_scale: to use delta from "
+                "the command line, also pass --model.algorithm.init_args.delta_scale null."
+            )
         if delta == "theory":
             if rho is None or not rho > 0:
                 raise ValueError(

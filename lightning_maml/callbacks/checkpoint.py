@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from weakref import proxy
+
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
@@ -18,7 +20,9 @@ class ModelCheckpoint(LightningModelCheckpoint):
     wrote one before (lightning 2.6). A run whose validation metric stopped improving keeps an old
     ``last.ckpt``, and resuming or testing from it silently goes back in time. This subclass takes
     the same arguments and, with ``save_last``, also writes ``last.ckpt`` after every validation and
-    when ``fit`` ends, unless it already holds that global step.
+    when ``fit`` ends, unless it already holds that global step. Every checkpoint is written
+    beside its final name and renamed once complete, so that a run killed while saving, or a
+    full disk, leaves the previous file intact rather than a truncated one.
 
     Example::
 
@@ -34,6 +38,33 @@ class ModelCheckpoint(LightningModelCheckpoint):
         super()._save_last_checkpoint(trainer, monitor_candidates)
         if self.save_last:
             self._last_step_in_last = trainer.global_step
+
+    @override
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        # Lightning writes a checkpoint to a temporary folder and moves it into place: a copy,
+        # which a kill or a full disk can cut short over the previous file, whenever that
+        # folder is on another file system (a local /tmp and runs on a network drive). Written
+        # beside its name and renamed once complete, a checkpoint is whole or absent.
+        partial = f"{filepath}.partial"
+        try:
+            trainer.save_checkpoint(partial, self.save_weights_only)
+        except OSError as err:
+            if trainer.is_global_zero and self._fs.exists(partial):
+                self._fs.rm(partial)
+            raise OSError(
+                err.errno,
+                f"could not write the checkpoint {filepath} ({err.strerror or err}); the "
+                "checkpoints written before it are intact: free space, or resume from the "
+                "newest of them.",
+            ) from err
+        if trainer.is_global_zero:
+            self._fs.mv(partial, filepath)
+        trainer.strategy.barrier("ModelCheckpoint._save_checkpoint")
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
 
     def _refresh_last(self, trainer: pl.Trainer) -> None:
         if (

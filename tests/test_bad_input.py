@@ -1,0 +1,262 @@
+"""Bad input is named before anything trains: shapes, dtypes, labels, settings, files.
+
+Each case reproduces what a user met, through the CLI where they met it there, and checks the
+message says what arrived, what was expected and what to change.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from test_recipes import write_omniglot
+
+from datamodules import SinusoidDataModule
+from lightning_maml import HFMAML, MAML, MetaLearner, TaskBatch
+from lightning_maml.cli import main
+from lightning_maml.models import MLP, ConvNet
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+SINUSOID = str(RECIPES / "sinusoid" / "maml.yaml")
+CSV = [
+    "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
+
+
+def last_line(capsys) -> str:
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def sinusoid_tasks(tasks: int = 3, shots: int = 5) -> TaskBatch:
+    x = torch.rand(tasks, 2 * shots, 1) * 10 - 5
+    y = torch.sin(x)
+    return TaskBatch(x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:])
+
+
+def fit_one_step(learner: MetaLearner, batch: TaskBatch) -> None:
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(learner, train_dataloaders=torch.utils.data.DataLoader([batch], batch_size=None))
+
+
+# -- TaskBatch -----------------------------------------------------------------------------
+
+
+def test_one_task_without_its_task_dimension_is_refused():
+    batch = sinusoid_tasks()
+    one = [t[0] for t in batch.named_tensors().values()]  # (shots, 1): K tasks of one example
+    with pytest.raises(ValueError, match=r"support_x has shape \(5, 1\).*x\.unsqueeze\(0\)"):
+        TaskBatch(*one)
+
+
+def test_empty_sets_and_no_tasks_are_refused():
+    batch = sinusoid_tasks()
+    with pytest.raises(ValueError, match="support_x has no examples"):
+        TaskBatch(batch.support_x[:, :0], batch.support_y[:, :0], batch.query_x, batch.query_y)
+    with pytest.raises(ValueError, match="query_x has no examples"):
+        TaskBatch(batch.support_x, batch.support_y, batch.query_x[:, :0], batch.query_y[:, :0])
+    with pytest.raises(ValueError, match="TaskBatch has no tasks"):
+        TaskBatch(*(t[:0] for t in batch.named_tensors().values()))
+
+
+# -- targets against the model and the loss, at the first batch ---------------------------
+
+
+def test_mse_targets_that_would_broadcast_are_refused_before_training():
+    batch = sinusoid_tasks()
+    flat = TaskBatch(batch.support_x, batch.support_y[..., 0], batch.query_x, batch.query_y[..., 0])
+    learner = MetaLearner(MLP(hidden=8), MAML(0.01), loss="mse")
+    before = [p.detach().clone() for p in learner.parameters()]
+    with pytest.raises(
+        ValueError,
+        match=r"predicts \(1,\) per example and the support targets are \(\) per.*unsqueeze",
+    ):
+        fit_one_step(learner, flat)
+    assert all(torch.equal(a, b) for a, b in zip(before, learner.parameters(), strict=True))
+
+
+def image_tasks(labels: torch.Tensor, tasks: int = 2) -> TaskBatch:
+    x = torch.rand(tasks, len(labels), 1, 28, 28)
+    y = labels.expand(tasks, -1)
+    return TaskBatch(x, y, x, y)
+
+
+def test_float_labels_with_cross_entropy_are_refused():
+    learner = MetaLearner(ConvNet(1, 5, 8, 28), MAML(0.4), loss="cross_entropy")
+    with pytest.raises(ValueError, match=r"needs integer class labels.*float32"):
+        fit_one_step(learner, image_tasks(torch.arange(5).float()))
+
+
+def test_more_ways_than_model_outputs_are_refused():
+    learner = MetaLearner(ConvNet(1, 5, 8, 28), MAML(0.4), loss="cross_entropy")
+    with pytest.raises(ValueError, match=r"go from 0 to 19, but the model has 5 outputs"):
+        fit_one_step(learner, image_tasks(torch.arange(20)))
+
+
+def test_inputs_the_model_cannot_take_are_named():
+    learner = MetaLearner(ConvNet(3, 5, 8, 28), MAML(0.4), loss="cross_entropy")
+    with pytest.raises(ValueError, match=r"cannot take this batch's inputs.*\(5, 1, 28, 28\)"):
+        fit_one_step(learner, image_tasks(torch.arange(5)))
+
+
+def test_evaluation_batches_are_checked_too():
+    learner = MetaLearner(MLP(hidden=8), MAML(0.01), loss="mse")
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    batch = sinusoid_tasks()
+    flat = TaskBatch(batch.support_x, batch.support_y[..., 0], batch.query_x, batch.query_y[..., 0])
+    with pytest.raises(ValueError, match="element by element"):
+        trainer.test(learner, torch.utils.data.DataLoader([flat], batch_size=None), verbose=False)
+
+
+def test_infinite_inner_lr_is_refused():
+    for algorithm in (MAML, HFMAML):
+        with pytest.raises(ValueError, match="positive finite number, got inf"):
+            algorithm(inner_lr=math.inf)
+
+
+# -- through the CLI -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def omniglot_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("omniglot")
+    write_omniglot(root)
+    return root
+
+
+def test_cli_more_ways_in_the_data_than_in_the_model(omniglot_root, tmp_path, capsys):
+    args = [
+        "fit",
+        "--config",
+        str(RECIPES / "omniglot" / "maml_5w1s.yaml"),
+        *CSV,
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--trainer.max_steps=1",
+        f"--data.init_args.root={omniglot_root}",
+        "--data.init_args.download=false",
+        "--data.init_args.ways=20",
+        "--data.init_args.val_characters=20",
+        "--data.init_args.test_characters=20",
+        "--data.init_args.meta_batch_size=2",
+        "--data.init_args.num_workers=0",
+    ]
+    assert main(args) == 1
+    line = last_line(capsys)
+    assert line.startswith("lightning-maml: error: ValueError: The support labels go from 0 to 19")
+    assert "--model.model.init_args.ways 20" in line
+
+
+def test_cli_missing_data_names_the_folder_last(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = str(RECIPES / "omniglot" / "maml_5w1s.yaml")
+    assert main(["fit", "--config", recipe, *CSV, "--data.init_args.download=false"]) == 1
+    line = last_line(capsys)
+    assert line.startswith("lightning-maml: error: FileNotFoundError: no Omniglot data under")
+    assert "Given value" not in line and "Union" not in line
+
+
+def test_cli_hfmaml_delta_on_a_recipe_that_sets_delta_scale(tmp_path, capsys):
+    recipe = str(RECIPES / "sinusoid" / "hfmaml.yaml")
+    args = ["fit", "--config", recipe, *CSV, f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    assert main([*args, "--model.algorithm.init_args.delta=0.001"]) == 1
+    assert "--model.algorithm.init_args.delta_scale null" in last_line(capsys)
+
+
+@pytest.fixture(scope="module")
+def sinusoid_checkpoint(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sinusoid")
+    main(
+        [
+            "fit",
+            "--config",
+            SINUSOID,
+            *CSV,
+            f"--trainer.logger.init_args.save_dir={root}",
+            "--trainer.max_steps=5",
+            "--trainer.val_check_interval=5",
+            "--data.init_args.num_val_tasks=4",
+        ]
+    )
+    (last,) = root.rglob("last.ckpt")
+    return last
+
+
+def cli_test(ckpt: Path, tmp_path: Path, *extra: str) -> int | None:
+    return main(
+        [
+            "test",
+            "--config",
+            SINUSOID,
+            *CSV,
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--data.init_args.num_test_tasks=4",
+            f"--ckpt_path={ckpt}",
+            *extra,
+        ]
+    )
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_cli_unreadable_checkpoint_is_named(sinusoid_checkpoint, tmp_path, capsys, damage):
+    broken = tmp_path / "broken.ckpt"
+    data = sinusoid_checkpoint.read_bytes()
+    broken.write_bytes(b"" if damage == "empty" else data[: len(data) // 2])
+    assert cli_test(broken, tmp_path) == 1
+    line = last_line(capsys)
+    assert line.startswith(f"lightning-maml: error: ValueError: cannot read checkpoint {broken}")
+    assert "truncated" in line and "other .ckpt files" in line
+
+
+def test_cli_missing_checkpoint_is_named(tmp_path, capsys):
+    assert cli_test(tmp_path / "nowhere.ckpt", tmp_path) == 1
+    assert "nowhere.ckpt: no such file" in last_line(capsys)
+
+
+def test_cli_checkpoint_of_another_model_is_refused(sinusoid_checkpoint, tmp_path, capsys):
+    assert cli_test(sinusoid_checkpoint, tmp_path, "--model.model.init_args.hidden=20") == 1
+    line = last_line(capsys)
+    assert "was trained with a different model" in line
+    assert "model.init_args.hidden: 20 here, 40 in it" in line
+
+
+def test_cli_non_finite_validation_is_logged_and_named(tmp_path, capsys):
+    # inner_lr 0.3 trains (one inner step) but diverges over the 10 evaluation steps. Before,
+    # val/loss vanished from the logs, or the run died on the checkpoint's missing monitor key.
+    args = [
+        "fit",
+        "--config",
+        SINUSOID,
+        *CSV,
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--model.algorithm.init_args.inner_lr=0.3",
+        "--trainer.max_steps=20",
+        "--trainer.val_check_interval=10",
+        "--trainer.num_sanity_val_steps=0",
+        "--data.init_args.num_val_tasks=20",
+    ]
+    with pytest.warns(UserWarning, match=r"val/loss is not finite at global step 10.*inner_lr"):
+        assert main(args) is None
+    (metrics,) = tmp_path.rglob("metrics.csv")
+    losses = [r["val/loss"] for r in csv.DictReader(metrics.open()) if r.get("val/loss")]
+    assert len(losses) == 2 and all(not math.isfinite(float(v)) for v in losses)
+    (last,) = tmp_path.rglob("last.ckpt")
+    assert torch.load(last, weights_only=False)["global_step"] == 20
+
+
+def test_python_data_and_model_mismatch_before_any_step():
+    learner = MetaLearner(MLP(in_features=2, hidden=8), MAML(0.01), loss="mse")
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match="cannot take this batch's inputs"):
+        trainer.fit(learner, datamodule=SinusoidDataModule(meta_batch_size=2))
