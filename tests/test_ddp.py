@@ -5,10 +5,10 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from datamodules import SinusoidDataModule
 from lightning_maml import FOMAML, HFMAML, MAML, MetaLearner
+from lightning_maml.callbacks import ModelCheckpoint
 from lightning_maml.models import MLP
 
 pytestmark = [pytest.mark.slow, pytest.mark.ddp]
@@ -102,9 +102,15 @@ def test_checkpoint_taken_under_ddp_resumes_on_one_and_two_processes(tmp_path):
     algorithm = HFMAML(0.05, 2)
     for name in ["ddp", "two", "one"]:
         (tmp_path / name).mkdir()
-    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    checkpoint = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1, save_last=True
+    )
     fit(algorithm, tmp_path / "ddp", devices=2, max_steps=6, callbacks=[checkpoint])
     middle = tmp_path / "ckpt" / "epoch=0-step=3.ckpt"
+    # Written by rank 0 beside their names and renamed, while rank 1 waits: whole, none left over.
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 6
+    assert not list((tmp_path / "ckpt").glob("*.partial"))
     fit(algorithm, tmp_path / "two", devices=2, max_steps=6, ckpt_path=middle)
     fit(algorithm, tmp_path / "one", devices=1, max_steps=6, ckpt_path=middle)
     uninterrupted = torch.load(tmp_path / "ddp" / "rank0.pt")
