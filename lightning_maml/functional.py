@@ -32,6 +32,7 @@ __all__ = [
     "backward_recursion",
     "finite_difference_hvp",
     "forward_hvp",
+    "gradient_and_value",
     "map_tasks",
     "mse_loss",
     "tree_norm",
@@ -67,6 +68,37 @@ def tree_norm(tree: Params) -> Tensor:
     return torch.linalg.vector_norm(
         torch.stack([torch.linalg.vector_norm(t) for t in tree.values()])
     )
+
+
+def gradient_and_value(
+    fn: Callable, params: Params, *args: Tensor, has_aux: bool = False
+) -> tuple[Params, object]:
+    """``torch.func.grad_and_value(fn, has_aux=has_aux)(params, *args)``, lighter when it can be.
+
+    torch.func differentiates with ``create_graph=True``, so that an enclosing transform can
+    differentiate the gradient again: every activation stays alive and the backward pass is
+    recorded until the gradient returns. Outside any torch.func transform (a per-task loop),
+    plain ``torch.autograd.grad`` gives the same gradient: a first-order one frees each
+    activation as soon as the backward pass has used it, and one that a torch.autograd
+    computation will differentiate again (``params`` require grad: MAML's inner steps under
+    this function) keeps the graph that it needs, as any double backward does.
+    """
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return grad_and_value(fn, has_aux=has_aux)(params, *args)
+    nested = any(p.requires_grad for p in params.values())
+    with torch.enable_grad():
+        leaves = params if nested else {n: p.detach().requires_grad_() for n, p in params.items()}
+        out = fn(leaves, *args)
+        grads = torch.autograd.grad(
+            out[0] if has_aux else out,
+            list(leaves.values()),
+            create_graph=nested,
+            allow_unused=True,
+            materialize_grads=True,
+        )
+    if not nested:
+        out = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, out)
+    return dict(zip(leaves, grads, strict=True)), out
 
 
 def axpy(alpha: Tensor | float, x: Params, y: Params) -> Params:
@@ -150,11 +182,11 @@ class TaskModel:
         """
         trajectory = Trajectory()
         for _ in range(inner_steps):
-            grads, loss = grad_and_value(self.loss)(params, x, y)
+            grads, loss = gradient_and_value(self.loss, params, x, y)
             trajectory.grad_norms.append(tree_norm(grads).detach())
             trajectory.losses.append(loss.detach())
             if hessian_data is not None:
-                hess_grads = grad(self.loss)(params, *hessian_data)
+                hess_grads, _ = gradient_and_value(self.loss, params, *hessian_data)
                 # Value of grads, derivative of hess_grads (their difference is exactly zero).
                 grads = {
                     n: g.detach() + hess_grads[n] - hess_grads[n].detach() for n, g in grads.items()
@@ -177,8 +209,8 @@ def finite_difference_hvp(
     # The difference of two nearby gradients needs more mantissa than bfloat16's 8 bits
     # (measured: 23% error under bf16 autocast at delta ||v|| = 0.01), so it leaves autocast.
     with torch.autocast(x.device.type, enabled=False):
-        plus = grad(task.loss)(axpy(delta, vector, params), x, y)
-        minus = grad(task.loss)(axpy(-delta, vector, params), x, y)
+        plus, _ = gradient_and_value(task.loss, axpy(delta, vector, params), x, y)
+        minus, _ = gradient_and_value(task.loss, axpy(-delta, vector, params), x, y)
     return {n: (plus[n] - minus[n]) / (2 * delta) for n in plus}
 
 

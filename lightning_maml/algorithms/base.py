@@ -8,9 +8,15 @@ from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad_and_value
 
-from lightning_maml.functional import LossFn, Params, TaskModel, Trajectory, map_tasks
+from lightning_maml.functional import (
+    LossFn,
+    Params,
+    TaskModel,
+    Trajectory,
+    gradient_and_value,
+    map_tasks,
+)
 from lightning_maml.tasks import TaskBatch
 
 __all__ = ["Evaluation", "MetaAlgorithm", "MetaStep"]
@@ -172,8 +178,8 @@ class MetaAlgorithm:
             self.inner_steps,
             keep_points=keep_points,
         )
-        outer, (loss, prediction) = grad_and_value(task.loss_and_prediction, has_aux=True)(
-            adapted, data["query_x"], data["query_y"]
+        outer, (loss, prediction) = gradient_and_value(
+            task.loss_and_prediction, adapted, data["query_x"], data["query_y"], has_aux=True
         )
         stats = query_stats(
             task, params, trajectory, loss, prediction, data, self.track_loss_before

@@ -6,7 +6,6 @@ import functools
 from typing import Literal
 
 from torch import Tensor
-from torch.func import grad
 
 from lightning_maml.algorithms.base import (
     ChunkSize,
@@ -15,7 +14,13 @@ from lightning_maml.algorithms.base import (
     MetaAlgorithm,
     query_stats,
 )
-from lightning_maml.functional import Params, TaskModel, backward_recursion, forward_hvp
+from lightning_maml.functional import (
+    Params,
+    TaskModel,
+    backward_recursion,
+    forward_hvp,
+    gradient_and_value,
+)
 
 __all__ = ["MAML"]
 
@@ -115,4 +120,5 @@ class MAML(MetaAlgorithm):
         # Per task, then vmapped by the base class. The other order, one grad of the vmapped
         # sum, gets BatchNorm's double backward wrong in torch.func (measured: conv biases
         # before BatchNorm, whose true gradient is 0, got 1e-3; see tests/test_algorithms.py).
-        return grad(objective, has_aux=True)(params)
+        grads, (_, stats) = gradient_and_value(objective, params, has_aux=True)
+        return grads, stats
