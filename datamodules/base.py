@@ -1,8 +1,9 @@
 """What every task datamodule shares: a seeded training stream and fixed evaluation task sets.
 
-A task is identified by numbers, never by the state of a random generator: the ``t``-th task of
-training step ``s`` is drawn from ``numpy.random.default_rng([seed, split, s, t])`` and the
-``i``-th validation task from ``default_rng([seed, split, i])``. This makes sampling
+A task is identified by numbers, never by the state of a random generator
+(:mod:`lightning_maml.tasks`): the ``t``-th task of training step ``s`` is drawn from
+``numpy.random.default_rng([seed, STREAMS["train"], s, t])`` and the ``i``-th validation task
+from ``default_rng([seed, STREAMS["val"], i])``. This makes sampling
 
 - deterministic under a seed, whatever the number of loader workers;
 - different on every rank: under DDP rank ``r`` draws tasks ``r * B / W .. (r + 1) * B / W - 1``
@@ -15,42 +16,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import NamedTuple, Protocol
 
-import numpy as np
-import torch
 from lightning.pytorch import LightningDataModule
-from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from lightning_maml.tasks import TaskBatch
+from lightning_maml.tasks import STREAMS, Task, TaskBatch, TaskSampler, draw_tasks
 
 __all__ = ["EvalTaskSet", "MetaDataModule", "Task", "TaskSampler", "TrainTaskStream"]
-
-SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
-
-
-class Task(NamedTuple):
-    """One task's data, without the task dimension."""
-
-    support_x: Tensor
-    support_y: Tensor
-    query_x: Tensor
-    query_y: Tensor
-    hessian_x: Tensor | None = None
-    hessian_y: Tensor | None = None
-
-
-class TaskSampler(Protocol):
-    """Draws one task of a split from the generator it is given (and from nothing else)."""
-
-    def __call__(self, rng: np.random.Generator, split: str) -> Task: ...
-
-
-def stack_tasks(tasks: list[Task]) -> TaskBatch:
-    """Stacks single tasks into a :class:`TaskBatch` (task dimension first)."""
-    fields = zip(*tasks, strict=True)
-    return TaskBatch(*[None if f[0] is None else torch.stack(f) for f in fields])
 
 
 def check_divisible(meta_batch_size: int, world_size: int) -> None:
@@ -95,14 +67,8 @@ class TrainTaskStream(IterableDataset):
         """This rank's share of the meta-batch of global step ``step``."""
         local = self.meta_batch_size // self.world_size
         first = self.rank * local
-        return stack_tasks(
-            [
-                self.sampler(
-                    np.random.default_rng([self.seed, SPLIT_IDS["train"], step, t]), "train"
-                )
-                for t in range(first, first + local)
-            ]
-        )
+        keys = ([self.seed, STREAMS["train"], step, t] for t in range(first, first + local))
+        return draw_tasks(self.sampler, "train", keys)
 
     def __iter__(self) -> Iterator[TaskBatch]:
         # Workers take steps round-robin, which is the order the DataLoader reads them back in.
@@ -159,14 +125,10 @@ class EvalTaskSet(IterableDataset):
     def __getitem__(self, index: int) -> TaskBatch:
         if not 0 <= index < len(self):
             raise IndexError(f"batch {index} of an evaluation set of {len(self)} batches")
-        split_id = SPLIT_IDS[self.split]
         first = index * self.meta_batch_size
-        return stack_tasks(
-            [
-                self.sampler(np.random.default_rng([self.seed, split_id, i]), self.split)
-                for i in self.tasks[first : first + self.meta_batch_size]
-            ]
-        )
+        tasks = self.tasks[first : first + self.meta_batch_size]
+        keys = ([self.seed, STREAMS[self.split], i] for i in tasks)
+        return draw_tasks(self.sampler, self.split, keys)
 
     def __iter__(self) -> Iterator[TaskBatch]:
         info = get_worker_info()

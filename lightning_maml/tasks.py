@@ -1,13 +1,49 @@
-"""The one data structure every part of lightning-maml agrees on: a batch of tasks."""
+"""The data every part of lightning-maml agrees on: a task, a batch of tasks, and their draws.
+
+A task is identified by numbers, never by the state of a random generator: it is drawn from
+``numpy.random.default_rng([seed, stream, ...])``, where ``stream`` says who draws it
+(:data:`STREAMS`). The datamodules draw training, validation and test tasks on streams 0-2; the
+callbacks that need tasks of their own draw them on other streams, so that they never repeat a
+training, validation or test task and never shift the training stream.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
+from typing import NamedTuple, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["TaskBatch"]
+__all__ = ["STREAMS", "Task", "TaskBatch", "TaskSampler", "draw_tasks"]
+
+#: The stream of each user of seeded task draws (the second number of every task's key).
+STREAMS: dict[str, int] = {
+    "train": 0,
+    "val": 1,
+    "test": 2,
+    "step_size": 3,  # TheoryStepSize's estimate of the local smoothness
+    "stationarity": 4,  # StationarityMonitor's held-out tasks
+}
+
+
+class Task(NamedTuple):
+    """One task's data, in :class:`TaskBatch` field order, without the task dimension."""
+
+    support_x: Tensor
+    support_y: Tensor
+    query_x: Tensor
+    query_y: Tensor
+    hessian_x: Tensor | None = None
+    hessian_y: Tensor | None = None
+
+
+class TaskSampler(Protocol):
+    """Draws one task of a split from the generator it is given (and from nothing else)."""
+
+    def __call__(self, rng: np.random.Generator, split: str) -> Task: ...
 
 
 @dataclass
@@ -28,7 +64,8 @@ class TaskBatch:
         hessian_y: Optional Hessian-batch targets; given exactly when ``hessian_x`` is.
 
     Raises:
-        ValueError: If a tensor has no task dimension (or an input no feature dimension), the
+        ValueError: If a tensor has no task dimension (or a floating-point input no feature
+            dimension), the
             batch has no tasks or a set no examples, the tensors disagree in the number of
             tasks, inputs and targets disagree in the number of examples, or only one of
             ``hessian_x`` / ``hessian_y`` is given. Whether the targets suit the model and the
@@ -60,7 +97,9 @@ class TaskBatch:
                     "task dimension and an example dimension: (tasks, examples, ...)."
                 )
         for name, tensor in tensors.items():
-            if name.endswith("_x") and tensor.dim() < 3:
+            # Integer inputs may be indices to gather on the device (image datamodules'
+            # device_tensors), one per example.
+            if name.endswith("_x") and tensor.dim() < 3 and tensor.is_floating_point():
                 raise ValueError(
                     f"TaskBatch.{name} has shape {tuple(tensor.shape)}, but inputs need a task, "
                     "an example and a feature dimension: (tasks, examples, features...). One "
@@ -128,9 +167,28 @@ class TaskBatch:
         return TaskBatch(**{name: t.clone() for name, t in self.named_tensors().items()})
 
     @staticmethod
+    def of(tasks: Sequence[Task]) -> TaskBatch:
+        """Stacks single tasks into a batch (task dimension first)."""
+        if not tasks:
+            raise ValueError("TaskBatch.of needs at least one task.")
+        columns = zip(*tasks, strict=True)
+        return TaskBatch(*[None if c[0] is None else torch.stack(c) for c in columns])
+
+    @staticmethod
     def stack(tasks: list[TaskBatch]) -> TaskBatch:
         """Concatenates batches along the task dimension."""
         if not tasks:
             raise ValueError("TaskBatch.stack needs at least one batch.")
         names = tasks[0].named_tensors().keys()
         return TaskBatch(**{n: torch.cat([t.named_tensors()[n] for t in tasks]) for n in names})
+
+
+def draw_tasks(sampler: TaskSampler, split: str, keys: Iterable[Sequence[int]]) -> TaskBatch:
+    """One task per key, drawn from ``default_rng(key)`` by ``sampler``, stacked in key order.
+
+    Args:
+        sampler: Draws one task of ``split``.
+        split: ``"train"``, ``"val"`` or ``"test"``: whose classes or task family to draw from.
+        keys: Each task's key, ``[seed, STREAMS[user], ...]``.
+    """
+    return TaskBatch.of([sampler(np.random.default_rng(list(key)), split) for key in keys])

@@ -13,9 +13,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_maml.algorithms import MAML
-from lightning_maml.callbacks._tasks import STATIONARITY_STREAM, draw_tasks
 from lightning_maml.functional import axpy, tree_norm
-from lightning_maml.tasks import TaskBatch
+from lightning_maml.tasks import STREAMS, TaskBatch, draw_tasks
 
 __all__ = ["StationarityMonitor"]
 
@@ -98,7 +97,8 @@ class StationarityMonitor(Callback):
                 )
             sampler = datamodule.task_sampler(self.split)
         seed = self.seed if self.seed is not None else getattr(datamodule, "seed", 0)
-        self._held_out = draw_tasks(sampler, self.split, self.tasks, (seed, STATIONARITY_STREAM))
+        keys = ([seed, STREAMS["stationarity"], j] for j in range(self.tasks))
+        self._held_out = draw_tasks(sampler, self.split, keys)
 
     @property
     def held_out(self) -> TaskBatch:

@@ -8,7 +8,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from lightning_maml.callbacks._tasks import STEP_SIZE_STREAM, draw_tasks
+from lightning_maml.tasks import STREAMS, draw_tasks
 from lightning_maml.theory.estimate import pooled_examples
 from lightning_maml.theory.step_size import (
     step_size_constant,
@@ -127,9 +127,8 @@ class TheoryStepSize(Callback):
         step = trainer.global_step
         norms = None
         if self.rho > 0:
-            tasks = draw_tasks(
-                self._sampler, "train", self.tasks, (self._seed, STEP_SIZE_STREAM, step)
-            )
+            keys = ([self._seed, STREAMS["step_size"], step, j] for j in range(self.tasks))
+            tasks = draw_tasks(self._sampler, "train", keys)
             x, y = pooled_examples(tasks.to(pl_module.device), self.shots)
             norms = task_gradient_norms(pl_module.model, pl_module.loss_fn, x, y)
         self.beta, self.L_tilde = theory_step_size(
