@@ -10,8 +10,8 @@ The meta-gradient of ``k`` inner steps ``w_{j+1} = w_j - alpha grad f_in(w_j)`` 
 ``prod_j (I - alpha H_j) v`` with ``v`` the outer gradient at ``w_k``. Differentiating through
 the loop forms it by a double backward and keeps every step's second-order graph alive;
 :func:`backward_recursion` forms it step by step along the stored points ``w_j``, with a
-Hessian-vector product rule of the caller's choice (:func:`forward_hvp`, exact, or
-:func:`finite_difference_hvp`, approximate) and no graph kept between steps.
+Hessian-vector product rule of the caller's choice (:func:`reverse_hvp` or :func:`forward_hvp`,
+exact, or :func:`finite_difference_hvp`, approximate) and no graph kept between steps.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from torch.func import functional_call, grad, grad_and_value, jvp, vmap
 from torch.utils._pytree import tree_map
 
 __all__ = [
+    "EXACT_HVPS",
     "HvpRule",
     "Params",
     "TaskModel",
@@ -35,6 +36,7 @@ __all__ = [
     "gradient_and_value",
     "map_tasks",
     "mse_loss",
+    "reverse_hvp",
     "tree_norm",
 ]
 
@@ -214,15 +216,32 @@ def finite_difference_hvp(
     return {n: (plus[n] - minus[n]) / (2 * delta) for n in plus}
 
 
+def reverse_hvp(task: TaskModel, params: Params, vector: Params, x: Tensor, y: Tensor) -> Params:
+    """The exact Hessian-vector product ``hess f(w) v`` by a double backward.
+
+    The gradient of ``<grad f(w), v>``: exact up to rounding, at a small constant multiple of a
+    gradient's cost, and the graph of this one product is freed when it returns (B. A.
+    Pearlmutter, Fast Exact Multiplication by the Hessian, Neural Computation 1994). Evaluated
+    in the parameters' precision even under mixed-precision autocast, like
+    :func:`finite_difference_hvp`.
+    """
+
+    def directional(p: Params) -> Tensor:
+        grads, _ = gradient_and_value(task.loss, p, x, y)
+        return sum((grads[n] * vector[n]).sum() for n in grads)
+
+    with torch.autocast(x.device.type, enabled=False):
+        return gradient_and_value(directional, params)[0]
+
+
 def forward_hvp(task: TaskModel, params: Params, vector: Params, x: Tensor, y: Tensor) -> Params:
     """The exact Hessian-vector product ``hess f(w) v`` by forward-over-reverse differentiation.
 
     ``torch.func.jvp`` of ``torch.func.grad``: the directional derivative of the gradient at
-    ``w`` along ``v``, exact up to rounding, at a small constant multiple of a gradient's cost
-    and with no graph kept after it returns (B. A. Pearlmutter, Fast Exact Multiplication by
-    the Hessian, Neural Computation 1994).
-    Evaluated in the parameters' precision even under mixed-precision autocast, like
-    :func:`finite_difference_hvp`.
+    ``w`` along ``v``, exact up to rounding, with no graph kept after it returns (Pearlmutter
+    1994). The same product as :func:`reverse_hvp` by another route, whose speed depends on
+    the model and the device (``benchmarks/speed.py`` measures both). Evaluated in the
+    parameters' precision even under mixed-precision autocast.
 
     Raises:
         RuntimeError: If the loss does not support forward-mode differentiation, as
@@ -241,12 +260,15 @@ def forward_hvp(task: TaskModel, params: Params, vector: Params, x: Tensor, y: T
             if "ZeroTensors are immutable" not in str(error):
                 raise
             raise RuntimeError(
-                "The loss does not support forward-mode differentiation, which exact "
-                "Hessian-vector products (MAML(backward='recursion'), HFMAML(hvp='forward')) "
-                "use: F.mse_loss fails this way in torch 2.13. Use "
+                "The loss does not support forward-mode differentiation, which hvp='forward' "
+                "uses: F.mse_loss fails this way in torch 2.13. Use "
                 "lightning_maml.functional.mse_loss (MetaLearner(loss='mse') does), or "
-                "MAML(backward='graph') / HFMAML(hvp='finite_difference')."
+                "hvp='reverse'."
             ) from error
+
+
+#: The exact Hessian-vector product rules by name (``hvp`` of MAML and HF-MAML).
+EXACT_HVPS: dict[str, Callable[..., Params]] = {"reverse": reverse_hvp, "forward": forward_hvp}
 
 
 def backward_recursion(
@@ -258,7 +280,8 @@ def backward_recursion(
     ``w_j`` (of the loss that ``hvp`` takes it on), the chain rule gives
     ``g_k = v``, ``g_j = g_{j+1} - alpha H_j g_{j+1}`` for ``j = k-1 .. 0``, and returns ``g_0``.
     Each step needs one product ``hvp(w_j, g_{j+1})`` and nothing of the other steps, so no
-    graph is kept between steps. With an exact ``hvp`` (:func:`forward_hvp`) this is MAML's
+    graph is kept between steps. With an exact ``hvp`` (:func:`reverse_hvp`,
+    :func:`forward_hvp`) this is MAML's
     meta-gradient (Finn et al. 2017) when ``v`` is the outer gradient at ``w_k``; with
     :func:`finite_difference_hvp` it is HF-MAML's (Fallah et al. 2020, and its k-step extension).
 

@@ -162,8 +162,9 @@ class MetaLearner(LightningModule):
     Logged: ``train/loss`` (post-adaptation query loss), ``train/loss_before`` (with the
     algorithm's ``track_loss_before=True``),
     ``train/grad_norm`` (the all-reduced meta-gradient's norm before clipping),
-    ``train/accuracy``; ``val/…`` and ``test/…`` loss and accuracy over tasks with their 95%
-    confidence half-widths (``…_ci95``).
+    ``train/accuracy``, on the Trainer's logging steps and the first and last step of a fit;
+    ``val/…`` and ``test/…`` loss and accuracy over tasks with their 95% confidence
+    half-widths (``…_ci95``).
 
     Args:
         model: The network; its parameters are the meta-parameters.
@@ -428,15 +429,33 @@ class MetaLearner(LightningModule):
         if scheduler is not None:
             scheduler.step()
 
-        tasks = batch.num_tasks
-        self.log("train/loss", step.loss, prog_bar=True, batch_size=tasks)
-        if step.loss_before is not None:
-            self.log("train/loss_before", step.loss_before, batch_size=tasks)
-        self.log("train/grad_norm", grad_norm, prog_bar=True, batch_size=tasks)
-        accuracy = self._accuracy(step, batch)
-        if accuracy is not None:
-            self.log("train/accuracy", accuracy.mean(), prog_bar=True, batch_size=tasks)
+        if self._logs_training_step():
+            tasks = batch.num_tasks
+            self.log("train/loss", step.loss, prog_bar=True, batch_size=tasks)
+            if step.loss_before is not None:
+                self.log("train/loss_before", step.loss_before, batch_size=tasks)
+            self.log("train/grad_norm", grad_norm, prog_bar=True, batch_size=tasks)
+            accuracy = self._accuracy(step, batch)
+            if accuracy is not None:
+                self.log("train/accuracy", accuracy.mean(), prog_bar=True, batch_size=tasks)
         return step.loss
+
+    def _logs_training_step(self) -> bool:
+        """Whether this training step logs its metrics.
+
+        On the Trainer's logging steps (every ``log_every_n_steps``, the steps whose metrics a
+        logger writes, as Lightning's ``LearningRateMonitor`` logs its own), and on the first
+        and the last step of a fit, so that the progress bar and ``trainer.callback_metrics``
+        have them from the start and at the end. Each ``self.log`` costs more than a small
+        model's meta-step. Called after the optimizer step, which counts in ``global_step``.
+        """
+        trainer = self.trainer
+        return (
+            trainer._logger_connector.should_update_logs
+            or bool(trainer.fast_dev_run)
+            or self.global_step == 1
+            or 0 < trainer.max_steps <= self.global_step
+        )
 
     # -- evaluation ------------------------------------------------------------------------
 

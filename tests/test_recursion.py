@@ -1,4 +1,4 @@
-"""MAML by backward recursion (exact forward-over-reverse products) against an explicit reference.
+"""MAML by backward recursion (exact Hessian-vector products) against an independent reference.
 
 The reference writes each network out by hand on one flat float64 parameter vector (convolution,
 BatchNorm, pooling and the losses as tensor algebra) and forms each Hessian-vector product by a
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lightning_maml import FOMAML, HFMAML, MAML, TaskBatch
-from lightning_maml.functional import TaskModel, forward_hvp, mse_loss
+from lightning_maml.functional import EXACT_HVPS, TaskModel, mse_loss
 from lightning_maml.learner import LOSSES
 from lightning_maml.models import ConvNet
 
@@ -124,11 +124,13 @@ def loss_of(net: str):
 
 
 def exact_variants(inner_steps: int, hessian_batch: str, lr: float):
-    return {
-        "graph": MAML(lr, inner_steps, hessian_batch),
-        "recursion": MAML(lr, inner_steps, hessian_batch, backward="recursion"),
-        "hfmaml-forward": HFMAML(lr, inner_steps, hessian_batch, hvp="forward"),
-    }
+    variants = {"graph": MAML(lr, inner_steps, hessian_batch)}
+    for hvp in EXACT_HVPS:
+        variants[f"recursion-{hvp}"] = MAML(
+            lr, inner_steps, hessian_batch, backward="recursion", hvp=hvp
+        )
+        variants[f"hfmaml-{hvp}"] = HFMAML(lr, inner_steps, hessian_batch, hvp=hvp)
+    return variants
 
 
 @pytest.mark.parametrize("inner_steps", [1, 2, 3])
@@ -139,17 +141,19 @@ def test_exact_variants_match_hessian_reference_float64(net, hessian_batch, inne
     expected, _ = reference(net, inner_steps, hessian_batch)
     scale = expected.abs().max()
     for name, algorithm in exact_variants(inner_steps, hessian_batch, INNER_LR[net]).items():
-        result = flat(algorithm.meta_gradient(model, loss_of(net), tasks).grads, model)
+        grads = algorithm.meta_gradient(model, loss_of(net), tasks).grads
         torch.testing.assert_close(
-            result, expected, rtol=1e-9, atol=1e-9 * scale, msg=lambda m, n=name: f"{n}: {m}"
+            flat(grads, model),
+            expected,
+            rtol=1e-9,
+            atol=1e-9 * scale,
+            msg=lambda m, n=name: f"{n}: {m}",
         )
-    if net == "conv":
-        # A conv bias before BatchNorm cancels in the normalisation: its true meta-gradient is
-        # 0, and the products must not invent one (exact within rounding).
-        model_grads = MAML(INNER_LR[net], inner_steps, hessian_batch, backward="recursion")
-        grads = model_grads.meta_gradient(model, loss_of(net), tasks).grads
-        for name in ("features.0.bias", "features.4.bias"):
-            assert grads[name].abs().max() < 1e-12 * scale
+        if net == "conv":
+            # A conv bias before BatchNorm cancels in the normalisation: its true
+            # meta-gradient is 0, and the products must not invent one.
+            for bias in ("features.0.bias", "features.4.bias"):
+                assert grads[bias].abs().max() < 1e-12 * scale
 
 
 @pytest.mark.parametrize("inner_steps", [1, 3])
@@ -167,7 +171,8 @@ def test_recursion_matches_double_backward_float32(net, hessian_batch, inner_ste
         for name, algorithm in variants.items()
     }
     tolerance = {"rtol": 1e-5, "atol": 1e-5 * expected.abs().max().item()}
-    for name in ("recursion", "hfmaml-forward"):
+    torch.testing.assert_close(results["graph"].double(), expected, **tolerance)
+    for name in set(results) - {"graph"}:
         torch.testing.assert_close(results[name], results["graph"], **tolerance)
         torch.testing.assert_close(results[name].double(), expected, **tolerance)
 
@@ -186,20 +191,23 @@ def test_hessian_terms_matter_here():
         assert (exact - independent).norm() > 1e-2 * exact.norm()
 
 
+@pytest.mark.parametrize("hvp", list(EXACT_HVPS))
 @pytest.mark.parametrize("hessian_batch", ["inner", "independent"])
-def test_hfmaml_forward_reports_exact_product_norms(hessian_batch):
+def test_hfmaml_exact_reports_exact_product_norms(hessian_batch, hvp):
     model, tasks = make_model("mlp"), make_tasks("mlp")
-    result = HFMAML(0.3, 3, hessian_batch, hvp="forward").meta_gradient(model, mse_loss, tasks)
+    result = HFMAML(0.3, 3, hessian_batch, hvp=hvp).meta_gradient(model, mse_loss, tasks)
     _, norms = reference("mlp", 3, hessian_batch)
     assert result.delta is None  # no finite difference, no step
     # Per-task norms averaged over tasks, in inner-step order j = 0 .. k-1.
     torch.testing.assert_close(result.hvp_norms, norms, rtol=1e-9, atol=0)
 
 
+@pytest.mark.parametrize("hvp", list(EXACT_HVPS))
 @pytest.mark.parametrize("net", ["mlp", "conv"])
-def test_recursion_under_vmap_chunks_equals_per_task_loop(net):
+def test_recursion_under_vmap_chunks_equals_per_task_loop(net, hvp):
+    # A chunk of one task runs through torch.autograd, larger ones through vmap (torch.func).
     model, tasks = make_model(net), make_tasks(net, tasks=4)
-    algorithm = MAML(INNER_LR[net], 2, "independent", backward="recursion")
+    algorithm = MAML(INNER_LR[net], 2, "independent", backward="recursion", hvp=hvp)
     results = {}
     for size in [None, 3, 1]:
         algorithm.task_chunk_size = size
@@ -209,15 +217,16 @@ def test_recursion_under_vmap_chunks_equals_per_task_loop(net):
         torch.testing.assert_close(results[size].task_losses, results[None].task_losses)
 
 
-def test_forward_hvp_keeps_the_parameters_precision_under_autocast():
+@pytest.mark.parametrize("hvp", list(EXACT_HVPS))
+def test_exact_hvp_keeps_the_parameters_precision_under_autocast(hvp):
     model, tasks = make_model("conv").float(), make_tasks("conv")
     task = TaskModel(model, LOSSES["cross_entropy"])
     params = task.params()
     vector = {n: torch.randn_like(p) for n, p in params.items()}
     x, y = tasks.support_x[0].float(), tasks.support_y[0]
-    plain = forward_hvp(task, params, vector, x, y)
+    plain = EXACT_HVPS[hvp](task, params, vector, x, y)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed = forward_hvp(task, params, vector, x, y)
+        mixed = EXACT_HVPS[hvp](task, params, vector, x, y)
         # Autocast is on here: the forward pass itself runs in bfloat16.
         assert task.predict(params, x).dtype == torch.bfloat16
     for name, product in plain.items():
@@ -226,7 +235,9 @@ def test_forward_hvp_keeps_the_parameters_precision_under_autocast():
 
 
 @pytest.mark.parametrize(
-    "algorithm", [MAML(0.3, 3, backward="recursion"), HFMAML(0.3, 3, hvp="forward")], ids=repr
+    "algorithm",
+    [MAML(0.3, 3, backward="recursion"), MAML(0.3, 3, backward="recursion", hvp="forward")],
+    ids=repr,
 )
 def test_recursion_under_bf16_autocast_stays_close_to_float32(algorithm):
     model, tasks = make_model("mlp").float(), make_tasks("mlp", tasks=4).to(torch.float32)
@@ -241,10 +252,11 @@ def test_recursion_under_bf16_autocast_stays_close_to_float32(algorithm):
 
 def test_loss_without_forward_mode_gets_a_clear_error():
     model, tasks = make_model("mlp"), make_tasks("mlp")
+    forward = MAML(0.3, backward="recursion", hvp="forward")
     with pytest.raises(RuntimeError, match="does not support forward-mode differentiation"):
-        MAML(0.3, backward="recursion").meta_gradient(model, nn.functional.mse_loss, tasks)
+        forward.meta_gradient(model, nn.functional.mse_loss, tasks)
     # The double backward has no such restriction.
-    MAML(0.3).meta_gradient(model, nn.functional.mse_loss, tasks)
+    MAML(0.3, backward="recursion").meta_gradient(model, nn.functional.mse_loss, tasks)
 
 
 def test_mse_loss_equals_torch_and_refuses_broadcasting():
@@ -260,8 +272,10 @@ def test_mse_loss_equals_torch_and_refuses_broadcasting():
     ("make", "match"),
     [
         (lambda: MAML(0.1, backward="forward"), "MAML backward must be 'graph'"),
-        (lambda: HFMAML(0.1, hvp="exact"), "HFMAML hvp must be 'finite_difference' or 'forward'"),
-        (lambda: HFMAML(0.1, hvp="forward", delta=0.01), "takes no delta, rho or delta_scale"),
+        (lambda: MAML(0.1, backward="recursion", hvp="exact"), "MAML hvp must be 'reverse'"),
+        (lambda: MAML(0.1, hvp="forward"), "set backward='recursion' too"),
+        (lambda: HFMAML(0.1, hvp="exact"), "HFMAML hvp must be 'finite_difference', 'reverse'"),
+        (lambda: HFMAML(0.1, hvp="reverse", delta=0.01), "takes no delta, rho or delta_scale"),
         (lambda: HFMAML(0.1, hvp="forward", delta_scale=0.1), "takes no delta, rho or delta_scale"),
     ],
 )
@@ -271,7 +285,11 @@ def test_bad_options_raise(make, match):
 
 
 def test_options_round_trip_through_hparams():
-    for algorithm in (MAML(0.1, 2, backward="recursion"), HFMAML(0.1, 2, hvp="forward")):
+    for algorithm in (
+        MAML(0.1, 2, backward="recursion", hvp="forward"),
+        HFMAML(0.1, 2, hvp="reverse"),
+        HFMAML(0.1, 2),
+    ):
         hparams = algorithm.hparams()
         rebuilt = type(algorithm)(**{k: v for k, v in hparams.items() if k != "variant"})
         assert rebuilt.hparams() == hparams

@@ -9,11 +9,11 @@ from torch import Tensor
 
 from lightning_maml.algorithms.base import ChunkSize, CompileMode, HessianBatch, MetaAlgorithm
 from lightning_maml.functional import (
+    EXACT_HVPS,
     Params,
     TaskModel,
     backward_recursion,
     finite_difference_hvp,
-    forward_hvp,
     tree_norm,
 )
 
@@ -24,7 +24,7 @@ THEORY_DELTA_DENOMINATOR = 6.0
 #: delta = DEFAULT_DELTA_SCALE / ||v|| when no rule is given.
 DEFAULT_DELTA_SCALE = 0.01
 
-Hvp = Literal["finite_difference", "forward"]
+Hvp = Literal["finite_difference", "reverse", "forward"]
 
 
 class HFMAML(MetaAlgorithm):
@@ -46,10 +46,12 @@ class HFMAML(MetaAlgorithm):
     (:func:`~lightning_maml.functional.backward_recursion`).
 
     ``hvp`` chooses how each product ``hess f_i(w_j) g`` is formed: ``"finite_difference"``
-    (default, the paper's ``d_j``: two gradients) or ``"forward"`` (exact, by forward-over-reverse
-    differentiation: :func:`~lightning_maml.functional.forward_hvp`; more compute per product,
-    the same memory). With ``"forward"`` the result is MAML's exact meta-gradient, as
-    ``MAML(backward="recursion")`` computes it, and delta plays no part.
+    (default, the paper's ``d_j``: two gradients), or exactly by ``"reverse"`` (a double
+    backward of one step, :func:`~lightning_maml.functional.reverse_hvp`) or ``"forward"``
+    (forward-over-reverse, :func:`~lightning_maml.functional.forward_hvp`); an exact product
+    costs more compute than the finite difference and the same memory. With an exact product
+    the result is MAML's exact meta-gradient, as ``MAML(backward="recursion")`` computes it,
+    and delta plays no part.
 
     The step delta (one rule):
 
@@ -69,7 +71,7 @@ class HFMAML(MetaAlgorithm):
         task_chunk_size: Tasks per vectorised call (see :class:`MetaAlgorithm`).
         track_loss_before: Also report the pre-adaptation query loss (see :class:`MetaAlgorithm`).
         compile: Compile the per-chunk computation with ``torch.compile`` (see :class:`MetaAlgorithm`).
-        hvp: ``"finite_difference"`` or ``"forward"``, as above.
+        hvp: ``"finite_difference"``, ``"reverse"`` or ``"forward"``, as above.
 
     References:
         A. Fallah, A. Mokhtari, A. Ozdaglar. On the Convergence Theory of Gradient-Based
@@ -93,15 +95,16 @@ class HFMAML(MetaAlgorithm):
         super().__init__(
             inner_lr, inner_steps, hessian_batch, task_chunk_size, track_loss_before, compile
         )
-        if hvp not in ("finite_difference", "forward"):
+        if hvp != "finite_difference" and hvp not in EXACT_HVPS:
             raise ValueError(
-                f"HFMAML hvp must be 'finite_difference' or 'forward' (exact products), got {hvp!r}."
+                "HFMAML hvp must be 'finite_difference', 'reverse' or 'forward' (exact "
+                f"products), got {hvp!r}."
             )
         self.hvp = hvp
-        if hvp == "forward":
+        if hvp in EXACT_HVPS:
             if (delta, rho, delta_scale) != (None, None, None):
                 raise ValueError(
-                    "HFMAML(hvp='forward') forms exact products and takes no delta, rho or "
+                    f"HFMAML(hvp={hvp!r}) forms exact products and takes no delta, rho or "
                     "delta_scale: drop them, or use hvp='finite_difference'."
                 )
             self.delta = self.rho = self.delta_scale = None
@@ -159,8 +162,8 @@ class HFMAML(MetaAlgorithm):
         deltas, norms = [], []
 
         def hvp(point: Params, vector: Params) -> Params:
-            if self.hvp == "forward":
-                product = forward_hvp(task, point, vector, x_h, y_h)
+            if self.hvp in EXACT_HVPS:
+                product = EXACT_HVPS[self.hvp](task, point, vector, x_h, y_h)
             else:
                 deltas.append(self.step_size(tree_norm(vector)))
                 product = finite_difference_hvp(task, point, vector, deltas[-1], x_h, y_h)

@@ -15,16 +15,17 @@ from lightning_maml.algorithms.base import (
     query_stats,
 )
 from lightning_maml.functional import (
+    EXACT_HVPS,
     Params,
     TaskModel,
     backward_recursion,
-    forward_hvp,
     gradient_and_value,
 )
 
 __all__ = ["MAML"]
 
 Backward = Literal["graph", "recursion"]
+ExactHvp = Literal["reverse", "forward"]
 
 
 class MAML(MetaAlgorithm):
@@ -47,15 +48,21 @@ class MAML(MetaAlgorithm):
       with ``inner_steps``.
     - ``"recursion"``: run the inner loop without a second-order graph, keep its points
       ``w_0 .. w_{k-1}``, take the outer gradient ``v`` at ``w_k`` and apply
-      ``g_k = v``, ``g_j = g_{j+1} - alpha hess f_i(w_j) g_{j+1}`` backwards, each product exact
-      by forward-over-reverse differentiation (:func:`~lightning_maml.functional.forward_hvp`).
-      Memory stays near FO-MAML's whatever ``inner_steps`` (one step's work at a time, plus
-      the k points); each step costs one Hessian-vector product, more compute than HF-MAML's
-      finite difference. It is HF-MAML's backward recursion with exact products, so it agrees
-      with ``"graph"`` up to rounding. The loss must support forward-mode differentiation
-      (``F.mse_loss`` does not in torch 2.13: use :func:`~lightning_maml.functional.mse_loss`,
-      which ``MetaLearner(loss="mse")`` uses). Hessian-vector products are evaluated in the
-      parameters' precision under mixed-precision autocast.
+      ``g_k = v``, ``g_j = g_{j+1} - alpha hess f_i(w_j) g_{j+1}`` backwards
+      (:func:`~lightning_maml.functional.backward_recursion`), each Hessian-vector product
+      exact and formed on its own. Memory stays near FO-MAML's whatever ``inner_steps`` (one
+      product's work at a time, plus the k points); each step costs one exact product, more
+      compute than HF-MAML's finite difference. It is HF-MAML's backward recursion with exact
+      products, so it agrees with ``"graph"`` up to rounding. The products are evaluated in
+      the parameters' precision under mixed-precision autocast.
+
+    ``hvp`` chooses how ``"recursion"`` forms each exact product: ``"reverse"`` (default, a
+    double backward of one step, :func:`~lightning_maml.functional.reverse_hvp`) or
+    ``"forward"`` (forward-over-reverse, :func:`~lightning_maml.functional.forward_hvp`; the
+    loss must support forward-mode differentiation, which ``F.mse_loss`` does not in torch
+    2.13: use :func:`~lightning_maml.functional.mse_loss`, as ``MetaLearner(loss="mse")``
+    does). Which is faster depends on the model and device: ``benchmarks/speed.py`` measures
+    both.
 
     Args:
         inner_lr: The inner step size alpha (> 0).
@@ -65,6 +72,7 @@ class MAML(MetaAlgorithm):
         track_loss_before: Also report the pre-adaptation query loss (see :class:`MetaAlgorithm`).
         compile: Compile the per-chunk computation with ``torch.compile`` (see :class:`MetaAlgorithm`).
         backward: ``"graph"`` or ``"recursion"``, as above.
+        hvp: ``"reverse"`` or ``"forward"``: the products of ``backward="recursion"``.
 
     References:
         C. Finn, P. Abbeel, S. Levine. Model-Agnostic Meta-Learning for Fast Adaptation of Deep
@@ -83,6 +91,7 @@ class MAML(MetaAlgorithm):
         track_loss_before: bool = False,
         compile: bool | CompileMode = False,
         backward: Backward = "graph",
+        hvp: ExactHvp = "reverse",
     ) -> None:
         super().__init__(
             inner_lr, inner_steps, hessian_batch, task_chunk_size, track_loss_before, compile
@@ -93,7 +102,15 @@ class MAML(MetaAlgorithm):
                 f"'recursion' (exact Hessian-vector products along the inner trajectory, "
                 f"first-order memory), got {backward!r}."
             )
+        if hvp not in EXACT_HVPS:
+            raise ValueError(f"MAML hvp must be 'reverse' or 'forward', got {hvp!r}.")
+        if backward == "graph" and hvp != "reverse":
+            raise ValueError(
+                f"MAML hvp={hvp!r} chooses the products of backward='recursion'; set "
+                "backward='recursion' too, or drop hvp."
+            )
         self.backward = backward
+        self.hvp = hvp
 
     def task_meta_gradient(
         self, task: TaskModel, params: Params, data: dict[str, Tensor]
@@ -101,7 +118,7 @@ class MAML(MetaAlgorithm):
         if self.backward == "recursion":
             outer, trajectory, stats = self.outer_gradient(task, params, data, keep_points=True)
             x_h, y_h = self.hessian_set(data)
-            hvp = functools.partial(forward_hvp, task, x=x_h, y=y_h)
+            hvp = functools.partial(EXACT_HVPS[self.hvp], task, x=x_h, y=y_h)
             return backward_recursion(outer, trajectory.points, self.inner_lr, hvp), stats
 
         hessian = (
