@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from lightning_maml.checks import check_int
 from lightning_maml.tasks import STREAMS, Task, TaskBatch, TaskSampler, draw_tasks
 
 __all__ = ["EvalTaskSet", "MetaDataModule", "Task", "TaskSampler", "TrainTaskStream"]
@@ -137,11 +138,6 @@ class EvalTaskSet(IterableDataset):
             yield self[index]
 
 
-def _positive(name: str, value: int) -> None:
-    if not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-
-
 class MetaDataModule(LightningDataModule):
     """Base class of the task datamodules: subclasses provide :meth:`task_sampler`.
 
@@ -169,9 +165,9 @@ class MetaDataModule(LightningDataModule):
             ("num_val_tasks", num_val_tasks),
             ("num_test_tasks", num_test_tasks),
         ]:
-            _positive(name, value)
+            check_int(name, value)
         if eval_meta_batch_size is not None:
-            _positive("eval_meta_batch_size", eval_meta_batch_size)
+            check_int("eval_meta_batch_size", eval_meta_batch_size)
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
         self.meta_batch_size = meta_batch_size

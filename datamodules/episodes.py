@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from datamodules.base import MetaDataModule, Task
+from lightning_maml.checks import check_int
 from lightning_maml.tasks import TaskBatch
 
 __all__ = ["EpisodeSampler", "EpisodicDataModule", "check_episode", "gather_images"]
@@ -95,8 +96,7 @@ def _check_sizes(ways: int, shots: int, query_shots: int, hessian_shots: int) ->
         ("query_shots", query_shots, 1),
         ("hessian_shots", hessian_shots, 0),
     ]:
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+        check_int(name, value, low)
 
 
 class EpisodeSampler:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from datamodules.base import MetaDataModule, Task
+from lightning_maml.checks import check_int
 
 __all__ = ["LinearTasks", "LinearTasksDataModule"]
 
@@ -55,8 +56,7 @@ class LinearTasks:
             ("query_shots", query_shots, 1),
             ("hessian_shots", hessian_shots, 0),
         ]:
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+            check_int(name, value, low)
         low, high = curvature_range
         if not 0 < low <= high:
             raise ValueError(

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from datamodules.download import download
 from datamodules.episodes import EpisodicDataModule
+from lightning_maml.checks import check_int
 
 __all__ = ["OmniglotData", "OmniglotDataModule", "read_omniglot"]
 
@@ -316,13 +317,9 @@ class OmniglotDataModule(EpisodicDataModule):
         )
         if split not in ("finn", "background"):
             raise ValueError(f"split must be 'finn' or 'background', got {split!r}.")
-        for name, value, low in [
-            ("image_size", image_size, 1),
-            ("val_characters", val_characters, 1),
-            ("test_characters", test_characters, 1),
-        ]:
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+        check_int("image_size", image_size)
+        check_int("val_characters", val_characters)
+        check_int("test_characters", test_characters)
         self.save_hyperparameters()
         self.root = Path(root)
         self.download = download

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from datamodules.base import MetaDataModule, Task
+from lightning_maml.checks import check_int
 
 __all__ = ["SinusoidDataModule", "SinusoidTasks"]
 
@@ -94,11 +95,9 @@ class SinusoidDataModule(MetaDataModule):
         super().__init__(
             meta_batch_size, seed, num_val_tasks, num_test_tasks, eval_meta_batch_size, num_workers
         )
-        for name, value, low in [("shots", shots, 1), ("query_shots", query_shots, 1)]:
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
-        if not isinstance(hessian_shots, int) or hessian_shots < 0:
-            raise ValueError(f"hessian_shots must be an integer >= 0, got {hessian_shots!r}.")
+        check_int("shots", shots)
+        check_int("query_shots", query_shots)
+        check_int("hessian_shots", hessian_shots, low=0)
         for name, (low, high) in [
             ("amplitude_range", amplitude_range),
             ("phase_range", phase_range),

@@ -18,6 +18,7 @@ from torchmetrics import MeanMetric, SumMetric
 
 from lightning_maml.algorithms.base import Evaluation, MetaAlgorithm, MetaStep
 from lightning_maml.functional import mse_loss
+from lightning_maml.checks import check_int
 from lightning_maml.metrics import MeanWithCI, task_accuracy
 from lightning_maml.tasks import TaskBatch
 
@@ -219,12 +220,8 @@ class MetaLearner(LightningModule):
             raise ValueError(
                 f"gradient_clip_algorithm must be 'norm' or 'value', got {gradient_clip_algorithm!r}."
             )
-        if eval_inner_steps is not None and (
-            isinstance(eval_inner_steps, bool)
-            or not isinstance(eval_inner_steps, int)
-            or eval_inner_steps < 1
-        ):
-            raise ValueError(f"eval_inner_steps must be an integer >= 1, got {eval_inner_steps!r}.")
+        if eval_inner_steps is not None:
+            check_int("eval_inner_steps", eval_inner_steps)
 
         self.automatic_optimization = False
         self.model = model

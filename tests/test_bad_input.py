@@ -260,3 +260,20 @@ def test_python_data_and_model_mismatch_before_any_step():
     trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False)
     with pytest.raises(ValueError, match="cannot take this batch's inputs"):
         trainer.fit(learner, datamodule=SinusoidDataModule(meta_batch_size=2))
+
+
+@pytest.mark.parametrize(
+    ("build", "name"),
+    [
+        (lambda: SinusoidDataModule(meta_batch_size=True), "meta_batch_size"),
+        (lambda: SinusoidDataModule(shots=2.0), "shots"),
+        (lambda: SinusoidDataModule(hessian_shots=-1), "hessian_shots"),
+        (lambda: MAML(0.1, inner_steps=True), "inner_steps"),
+        (lambda: MetaLearner(MLP(), MAML(0.1), eval_inner_steps=0), "eval_inner_steps"),
+    ],
+    ids=["bool-meta-batch", "float-shots", "negative-hessian", "bool-steps", "zero-eval-steps"],
+)
+def test_counts_are_checked_alike_everywhere(build, name):
+    # One check: before, meta_batch_size=True was accepted where inner_steps=True was refused.
+    with pytest.raises(ValueError, match=rf"^{name} must be an integer >= "):
+        build()

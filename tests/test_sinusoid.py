@@ -113,7 +113,7 @@ def test_ranks_share_the_evaluation_set_without_duplicates():
         ({"shots": 0}, "shots must be an integer >= 1"),
         ({"query_shots": 0}, "query_shots must be an integer >= 1"),
         ({"hessian_shots": -1}, "hessian_shots must be an integer >= 0"),
-        ({"meta_batch_size": 0}, "meta_batch_size must be a positive integer"),
+        ({"meta_batch_size": 0}, "meta_batch_size must be an integer >= 1"),
         ({"amplitude_range": (5.0, 0.1)}, "amplitude_range must be"),
     ],
 )

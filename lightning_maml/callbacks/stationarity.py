@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_maml.algorithms import MAML
+from lightning_maml.checks import check_int
 from lightning_maml.functional import axpy, tree_norm
 from lightning_maml.tasks import STREAMS, TaskBatch, draw_tasks
 
@@ -64,9 +65,8 @@ class StationarityMonitor(Callback):
         eps: float | None = None,
         seed: int | None = None,
     ) -> None:
-        for name, value, low in [("every_n_steps", every_n_steps, 1), ("tasks", tasks, 2)]:
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+        check_int("every_n_steps", every_n_steps)
+        check_int("tasks", tasks, low=2)
         if sampler is not None and not callable(sampler):
             raise ValueError(
                 f"sampler must be callable as sampler(rng, split) -> Task, got {type(sampler).__name__}."

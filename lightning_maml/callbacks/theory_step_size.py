@@ -8,6 +8,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from lightning_maml.checks import check_int
 from lightning_maml.tasks import STREAMS, draw_tasks
 from lightning_maml.theory.estimate import pooled_examples
 from lightning_maml.theory.step_size import (
@@ -71,10 +72,8 @@ class TheoryStepSize(Callback):
         if c is not None and not c > 0:
             raise ValueError(f"c must be > 0 or None (the variant's default), got {c!r}.")
         for name, value in [("tasks", tasks), ("shots", shots)]:
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1
-            ):
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+            if value is not None:
+                check_int(name, value)
         self.L = float(L)
         self.rho = float(rho)
         self.c = c

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, vjp, vmap
 
+from lightning_maml.checks import check_int
 from lightning_maml.functional import LossFn, Params, TaskModel, axpy, tree_norm
 from lightning_maml.tasks import TaskBatch
 
@@ -232,12 +233,8 @@ def estimate_constants(
             f"Estimating spreads needs at least 2 tasks of at least 2 examples; got "
             f"{tasks.num_tasks} tasks of {x.shape[1]}."
         )
-    for name, value in [
-        ("power_iterations", power_iterations),
-        ("task_chunk_size", task_chunk_size),
-    ]:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+    check_int("power_iterations", power_iterations)
+    check_int("task_chunk_size", task_chunk_size)
     if not rho_radius > 0 or isinstance(directions, bool) or directions < 0:
         raise ValueError(
             f"rho_radius must be > 0 and directions >= 0, got {rho_radius!r} and {directions!r}."
