@@ -16,7 +16,7 @@ exact, or :func:`finite_difference_hvp`, approximate) and no graph kept between 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -114,12 +114,15 @@ class Trajectory:
 
     Attributes:
         points: The parameters ``w_j`` at which each inner gradient was taken (kept only when
-            asked for, since HF-MAML's backward recursion needs them).
+            asked for: the backward recursion needs them).
+        grads: The inner gradients ``grad f_in(w_j)`` of the adapted parameters, detached (kept
+            only when asked for: the gradient of learned step sizes needs them).
         losses: The support loss ``f_in(w_j)`` at each step.
         grad_norms: The inner-gradient norm ``||grad f_in(w_j)||`` at each step.
     """
 
     points: list[Params] = field(default_factory=list)
+    grads: list[Params] = field(default_factory=list)
     losses: list[Tensor] = field(default_factory=list)
     grad_norms: list[Tensor] = field(default_factory=list)
 
@@ -157,45 +160,66 @@ class TaskModel:
         params: Params,
         x: Tensor,
         y: Tensor,
-        inner_lr: float,
-        inner_steps: int,
+        step_sizes: Sequence[Mapping[str, Tensor | float]],
         hessian_data: tuple[Tensor, Tensor] | None = None,
         keep_points: bool = False,
+        keep_grads: bool = False,
+        params_at: Callable[[int, Params], Params] | None = None,
+        first_order: bool = False,
     ) -> tuple[Params, Trajectory]:
-        """Runs ``inner_steps`` steps of gradient descent on one task's support set.
+        """Runs one step of gradient descent on one task's support set per entry of ``step_sizes``.
 
-        ``w_{j+1} = w_j - inner_lr * grad f_in(w_j)``. Under an outer ``torch.func.grad`` the
-        result stays differentiable with respect to ``params`` (MAML).
+        ``w_{j+1}[n] = w_j[n] - alpha_j[n] * grad_n f_in(w_j)`` for the parameters ``n`` that
+        ``alpha_j = step_sizes[j]`` names; the others keep their value (and the inner gradient
+        is taken for the named ones only). Under an outer ``torch.func.grad`` the result stays
+        differentiable with respect to ``params`` and the step sizes (MAML).
 
         Args:
             params: The starting point ``w_0``.
             x: Support inputs of one task.
             y: Support targets of one task.
-            inner_lr: The inner step size (alpha).
-            inner_steps: The number of steps k.
+            step_sizes: ``alpha_j`` for each inner step ``j`` (an
+                :class:`~lightning_maml.inner.InnerUpdate` makes them).
             hessian_data: ``(x_h, y_h)`` of the task's Hessian set. When given, each step keeps
-                the value ``-inner_lr * grad f_in(w_j)`` but takes its derivative from
+                the value ``-alpha_j * grad f_in(w_j)`` but takes its derivative from
                 ``grad f_h``, so that differentiating through the loop yields
-                ``prod_j (I - inner_lr * hess f_h(w_j))``: the paper's independent estimator.
+                ``prod_j (I - alpha_j hess f_h(w_j))``: the paper's independent estimator.
             keep_points: Keep every ``w_j`` in the trajectory.
+            keep_grads: Keep every inner gradient in the trajectory.
+            params_at: ``params_at(j, w)``, the parameters the model computes with at step
+                ``j`` (per-step BatchNorm weights, say); by default ``w`` itself.
+            first_order: Detach each inner gradient before the step, so that an enclosing
+                ``torch.func.grad`` does not differentiate through it (no Hessian terms).
 
         Returns:
             The adapted parameters ``w_k`` and the trajectory.
         """
         trajectory = Trajectory()
-        for _ in range(inner_steps):
-            grads, loss = gradient_and_value(self.loss, params, x, y)
+        for j, alpha in enumerate(step_sizes):
+
+            def adapted_loss(
+                part: Params, x: Tensor, y: Tensor, params: Params = params, j: int = j
+            ) -> Tensor:
+                merged = {**params, **part}
+                return self.loss(merged if params_at is None else params_at(j, merged), x, y)
+
+            part = {n: params[n] for n in alpha}
+            grads, loss = gradient_and_value(adapted_loss, part, x, y)
             trajectory.grad_norms.append(tree_norm(grads).detach())
             trajectory.losses.append(loss.detach())
+            if keep_grads:
+                trajectory.grads.append({n: g.detach() for n, g in grads.items()})
             if hessian_data is not None:
-                hess_grads, _ = gradient_and_value(self.loss, params, *hessian_data)
+                hess_grads, _ = gradient_and_value(adapted_loss, part, *hessian_data)
                 # Value of grads, derivative of hess_grads (their difference is exactly zero).
                 grads = {
                     n: g.detach() + hess_grads[n] - hess_grads[n].detach() for n, g in grads.items()
                 }
+            if first_order:
+                grads = {n: g.detach() for n, g in grads.items()}
             if keep_points:
                 trajectory.points.append(params)
-            params = axpy(-inner_lr, grads, params)
+            params = {**params, **{n: params[n] - alpha[n] * grads[n] for n in alpha}}
         return params, trajectory
 
 
@@ -272,28 +296,47 @@ EXACT_HVPS: dict[str, Callable[..., Params]] = {"reverse": reverse_hvp, "forward
 
 
 def backward_recursion(
-    vector: Params, points: list[Params], inner_lr: float, hvp: HvpRule
-) -> Params:
-    """``prod_j (I - inner_lr * H_j) v``, the derivative of k inner steps applied to ``v``.
+    vector: Params,
+    points: Sequence[Params],
+    step_sizes: Sequence[Mapping[str, Tensor | float]],
+    hvp: HvpRule,
+    inner_grads: Sequence[Params] | None = None,
+) -> tuple[Params, list[Params] | None]:
+    """The derivative of k inner steps applied to ``v``, formed backwards one step at a time.
 
-    With the inner steps ``w_{j+1} = w_j - alpha grad f_in(w_j)`` and ``H_j`` the Hessian at
-    ``w_j`` (of the loss that ``hvp`` takes it on), the chain rule gives
-    ``g_k = v``, ``g_j = g_{j+1} - alpha H_j g_{j+1}`` for ``j = k-1 .. 0``, and returns ``g_0``.
-    Each step needs one product ``hvp(w_j, g_{j+1})`` and nothing of the other steps, so no
-    graph is kept between steps. With an exact ``hvp`` (:func:`reverse_hvp`,
-    :func:`forward_hvp`) this is MAML's
-    meta-gradient (Finn et al. 2017) when ``v`` is the outer gradient at ``w_k``; with
-    :func:`finite_difference_hvp` it is HF-MAML's (Fallah et al. 2020, and its k-step extension).
+    The inner steps ``w_{j+1} = w_j - alpha_j (.) grad f_in(w_j)`` (``alpha_j`` zero on the
+    parameters that do not adapt) have the Jacobian ``I - diag(alpha_j) H_j``, with ``H_j`` the
+    Hessian at ``w_j`` of the loss that ``hvp`` takes it on. The chain rule gives ``g_k = v``,
+    ``g_j = g_{j+1} - H_j (alpha_j (.) g_{j+1})`` for ``j = k-1 .. 0``; with one scalar step
+    size, ``g_j = (I - alpha H_j) g_{j+1}``. Each step needs one product ``hvp(w_j, u)`` and
+    nothing of the other steps, so no graph is kept between steps. With an exact ``hvp``
+    (:func:`reverse_hvp`, :func:`forward_hvp`) and ``v`` the outer gradient at ``w_k`` this is
+    MAML's meta-gradient (Finn et al. 2017); with :func:`finite_difference_hvp` it is HF-MAML's
+    (Fallah et al. 2020, and its k-step extension).
 
     Args:
         vector: ``v``.
         points: ``w_0 .. w_{k-1}``.
-        inner_lr: alpha.
-        hvp: The Hessian-vector product rule, ``hvp(w_j, g) -> H_j g``.
+        step_sizes: ``alpha_0 .. alpha_{k-1}``, by adapted parameter.
+        hvp: The Hessian-vector product rule, ``hvp(w_j, u) -> H_j u``.
+        inner_grads: The inner gradients ``grad f_in(w_j)``, to also return the gradient with
+            respect to each ``alpha_j``: ``-grad f_in(w_j) (.) g_{j+1}`` (before it is summed to
+            the step size's shape, see :meth:`~lightning_maml.inner.InnerUpdate.rate_gradient`).
+
+    Returns:
+        ``g_0``, and the step sizes' gradients in step order (``None`` without ``inner_grads``).
     """
-    for point in reversed(points):
-        vector = axpy(-inner_lr, hvp(point, vector), vector)
-    return vector
+    cotangents: list[Params] = []
+    for j in reversed(range(len(points))):
+        alpha = step_sizes[j]
+        if inner_grads is not None:
+            cotangents.append({n: -inner_grads[j][n] * vector[n] for n in alpha})
+        direction = {
+            n: alpha[n] * v if n in alpha else torch.zeros_like(v) for n, v in vector.items()
+        }
+        product = hvp(points[j], direction)
+        vector = {n: v - product[n] for n, v in vector.items()}
+    return vector, (cotangents[::-1] if inner_grads is not None else None)
 
 
 def map_tasks(fn: Callable, params: Params, data: dict[str, Tensor]):

@@ -148,7 +148,7 @@ def test_hfmaml_delta_rules():
     scale = HFMAML(0.3, delta_scale=0.05).meta_gradient(model, mse, tasks)
     theory = HFMAML(0.3, delta="theory", rho=2.0).meta_gradient(model, mse, tasks)
     fixed = HFMAML(0.3, delta=0.02).meta_gradient(model, mse, tasks)
-    torch.testing.assert_close(fixed.delta, torch.tensor([0.02], dtype=torch.float64))
+    torch.testing.assert_close(fixed.stats["hfmaml/delta"], torch.tensor([0.02], dtype=torch.float64))
     # delta_i = c / ||v_i|| and 1 / (6 rho alpha ||v_i||) per task; compare via the same norms.
     f = flat_loss(model)
     theta0 = torch.cat([p.detach().flatten() for p in model.parameters()])
@@ -157,8 +157,8 @@ def test_hfmaml_delta_rules():
         u = theta0 - 0.3 * flat_grad(f, theta0, tasks.support_x[i], tasks.support_y[i])
         norms.append(flat_grad(f, u, tasks.query_x[i], tasks.query_y[i]).norm())
     norms = torch.stack(norms)
-    torch.testing.assert_close(scale.delta, (0.05 / norms).mean().unsqueeze(0))
-    torch.testing.assert_close(theory.delta, (1 / (6 * 2.0 * 0.3 * norms)).mean().unsqueeze(0))
+    torch.testing.assert_close(scale.stats["hfmaml/delta"], (0.05 / norms).mean().unsqueeze(0))
+    torch.testing.assert_close(theory.stats["hfmaml/delta"], (1 / (6 * 2.0 * 0.3 * norms)).mean().unsqueeze(0))
     assert v.norm() > 0
 
 
@@ -191,7 +191,7 @@ def test_chunked_and_looped_equal_vectorised(algorithm):
     for size in [2, 1]:
         torch.testing.assert_close(results[size].grads, results[None].grads)
         torch.testing.assert_close(results[size].loss, results[None].loss)
-        torch.testing.assert_close(results[size].inner_grad_norms, results[None].inner_grad_norms)
+        torch.testing.assert_close(results[size].stats["grad_norm/inner"], results[None].stats["grad_norm/inner"])
 
 
 def test_batchnorm_without_running_stats_vmaps():
@@ -227,8 +227,8 @@ def test_evaluate_adapts_longer():
     model, tasks = tiny_net(), tiny_tasks()
     one = MAML(0.3).evaluate(model, mse, tasks, inner_steps=1)
     five = MAML(0.3).evaluate(model, mse, tasks, inner_steps=5)
-    assert five.inner_losses.shape == (5,)
-    assert five.inner_losses[-1] < five.inner_losses[0]
+    assert five.stats["loss/support"].shape == (5,)
+    assert five.stats["loss/support"][-1] < five.stats["loss/support"][0]
     torch.testing.assert_close(one.loss, FOMAML(0.3).meta_gradient(model, mse, tasks).loss)
     # evaluation needs no Hessian set even for the independent estimator
     MAML(0.3, hessian_batch="independent").evaluate(model, mse, tiny_tasks(hessian_set=False))
@@ -237,8 +237,8 @@ def test_evaluate_adapts_longer():
 @pytest.mark.parametrize(
     ("make", "match"),
     [
-        (lambda: MAML(0.0), "inner_lr must be a positive number"),
-        (lambda: MAML(-0.1), "inner_lr must be a positive number"),
+        (lambda: MAML(0.0), "inner_lr must be a positive finite number"),
+        (lambda: MAML(-0.1), "inner_lr must be a positive finite number"),
         (lambda: FOMAML(0.1, inner_steps=0), "inner_steps must be an integer >= 1"),
         (
             lambda: MAML(0.1, hessian_batch="outer"),

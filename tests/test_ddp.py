@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import lightning as L
 import pytest
 import torch
 
 from datamodules import SinusoidDataModule
-from lightning_maml import FOMAML, HFMAML, MAML, MetaLearner
+from lightning_maml import FOMAML, HFMAML, MAML, MetaLearner, MetaSGD, PerStepRates
 from lightning_maml.callbacks import ModelCheckpoint
 from lightning_maml.models import MLP
 
@@ -64,8 +66,19 @@ def fit(algorithm, directory, devices: int, max_steps: int = 8, ckpt_path=None, 
         HFMAML(0.05, hessian_batch="independent"),
         # Each process compiles its own copy (compiled functions are not pickled by ddp_spawn).
         FOMAML(0.05, 2, compile=True),
+        # Learned step sizes are meta-parameters: all-reduced with the model's.
+        MAML(0.05, 2, inner_update=MetaSGD()),
+        HFMAML(0.05, 2, inner_update=PerStepRates()),
     ],
-    ids=["MAML", "MAML-recursion", "FOMAML", "HFMAML", "FOMAML-compiled"],
+    ids=[
+        "MAML",
+        "MAML-recursion",
+        "FOMAML",
+        "HFMAML",
+        "FOMAML-compiled",
+        "MAML-MetaSGD",
+        "HFMAML-PerStepRates",
+    ],
 )
 def test_two_ranks_match_one_process(algorithm, tmp_path):
     if algorithm.compile:
@@ -77,13 +90,19 @@ def test_two_ranks_match_one_process(algorithm, tmp_path):
         assert algorithm._compiled
     (tmp_path / "ddp").mkdir()
     (tmp_path / "single").mkdir()
-    fit(algorithm, tmp_path / "ddp", devices=2)
-    fit(algorithm, tmp_path / "single", devices=1)
+    # Learned step sizes belong to one learner: each run its own copy. The others run the one
+    # object (the compiled one as ddp_spawn pickles it).
+    own = copy.deepcopy if algorithm.inner_update.learns_step_sizes else (lambda a: a)
+    fit(own(algorithm), tmp_path / "ddp", devices=2)
+    fit(own(algorithm), tmp_path / "single", devices=1)
     rank0 = torch.load(tmp_path / "ddp" / "rank0.pt")
     rank1 = torch.load(tmp_path / "ddp" / "rank1.pt")
     single = torch.load(tmp_path / "single" / "rank0.pt")
     L.seed_everything(0)
     initial = {f"model.{n}": p for n, p in MLP(hidden=16).named_parameters()}
+    assert set(rank0) == set(single)
+    if algorithm.inner_update.learns_step_sizes:
+        assert any(name.startswith("inner_update.lr.") for name in rank0)
     for name, value in rank0.items():
         torch.testing.assert_close(rank1[name], value, rtol=0, atol=0)
         torch.testing.assert_close(value, single[name], rtol=0, atol=1e-5)

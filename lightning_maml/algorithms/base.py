@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
+from lightning_maml.checks import check_int, check_positive
 from lightning_maml.functional import (
     LossFn,
     Params,
@@ -17,6 +19,7 @@ from lightning_maml.functional import (
     gradient_and_value,
     map_tasks,
 )
+from lightning_maml.inner import InnerUpdate
 from lightning_maml.tasks import TaskBatch
 
 __all__ = ["Evaluation", "MetaAlgorithm", "MetaStep"]
@@ -38,16 +41,18 @@ class Evaluation:
         predictions: The adapted model's query predictions, shaped ``(tasks, query_shots, ...)``.
         loss_before: The mean query loss before adaptation; in training only with
             ``track_loss_before=True`` (it costs a forward pass on every query set), else ``None``.
-        inner_losses: The mean support loss at each inner step, shaped ``(inner_steps,)``.
-        inner_grad_norms: The mean inner-gradient norm at each inner step.
+        stats: The step's statistics by log key, averaged over tasks: a scalar, or one value per
+            inner step (logged as ``<key>_step_<j>``). Every variant reports ``loss/support``
+            (the support loss at each inner step) and ``grad_norm/inner`` (the inner gradient's
+            norm); a variant adds its own (HF-MAML ``hfmaml/delta``, learned step sizes
+            ``inner_lr/<parameter>``). Loggers take them as they are, whatever the variant.
     """
 
     loss: Tensor
     task_losses: Tensor
     predictions: Tensor
     loss_before: Tensor | None
-    inner_losses: Tensor
-    inner_grad_norms: Tensor
+    stats: dict[str, Tensor]
 
 
 @dataclass
@@ -55,19 +60,14 @@ class MetaStep(Evaluation):
     """One meta-gradient, with the statistics of the step that produced it.
 
     Attributes:
-        grads: Parameter name to the mean over tasks of each task's meta-gradient (detached).
-        delta: HF-MAML only: the mean finite-difference step at each inner step.
-        hvp_norms: HF-MAML only: the mean norm of the Hessian-vector estimate at each inner step.
+        grads: Model parameter name to the mean over tasks of each task's meta-gradient
+            (detached).
+        update_grads: The same for the inner update's learned tensors (its step sizes), by
+            their name in the update; empty when it learns none.
     """
 
-    grads: dict[str, Tensor] | None = None
-    delta: Tensor | None = None
-    hvp_norms: Tensor | None = None
-
-
-def _check_positive_int(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+    grads: dict[str, Tensor] = field(default_factory=dict)
+    update_grads: dict[str, Tensor] = field(default_factory=dict)
 
 
 class MetaAlgorithm:
@@ -115,23 +115,20 @@ class MetaAlgorithm:
         task_chunk_size: ChunkSize = "auto",
         track_loss_before: bool = False,
         compile: bool | CompileMode = False,
+        inner_update: InnerUpdate | None = None,
     ) -> None:
-        if (
-            isinstance(inner_lr, bool)
-            or not isinstance(inner_lr, (int, float))
-            or not 0 < inner_lr < float("inf")
-        ):
-            raise ValueError(
-                f"inner_lr must be a positive finite number, got {inner_lr!r}: it is the inner step "
-                "size alpha, e.g. 0.01 for sinusoids or 0.4 for Omniglot 5-way."
-            )
-        _check_positive_int("inner_steps", inner_steps)
+        check_positive(
+            "inner_lr",
+            inner_lr,
+            "it is the inner step size alpha, e.g. 0.01 for sinusoids or 0.4 for Omniglot 5-way.",
+        )
+        check_int("inner_steps", inner_steps)
         if hessian_batch not in ("inner", "independent"):
             raise ValueError(
                 f"hessian_batch must be 'inner' or 'independent', got {hessian_batch!r}."
             )
         if task_chunk_size not in ("auto", None):
-            _check_positive_int("task_chunk_size", task_chunk_size)
+            check_int("task_chunk_size", task_chunk_size)
         if not isinstance(compile, bool) and compile not in get_args(CompileMode):
             raise ValueError(
                 f"compile must be true, false or one of the torch.compile modes "
@@ -144,39 +141,78 @@ class MetaAlgorithm:
         self.task_chunk_size = task_chunk_size
         self.track_loss_before = track_loss_before
         self.compile = compile
+        if inner_update is not None and not isinstance(inner_update, InnerUpdate):
+            raise ValueError(
+                "inner_update must be an InnerUpdate (lightning_maml.inner: InnerUpdate, ANIL, "
+                f"BOIL, MetaSGD, PerStepRates), got {type(inner_update).__name__}."
+            )
+        self.inner_update = inner_update if inner_update is not None else InnerUpdate()
 
     # -- what a variant provides -----------------------------------------------------------
 
     def task_meta_gradient(
-        self, task: TaskModel, params: Params, data: dict[str, Tensor]
-    ) -> tuple[Params, dict[str, Tensor]]:
-        """One task's meta-gradient and statistics; ``data`` holds one task's tensors."""
+        self, task: TaskModel, params: Params, rates: Params, data: dict[str, Tensor]
+    ) -> tuple[Params, Params, dict[str, Tensor]]:
+        """One task's meta-gradient (of the model's parameters, and of the inner update's learned
+        ``rates``) and statistics; ``data`` holds one task's tensors."""
         raise NotImplementedError
 
+    #: Whether the variant differentiates through an inner update whose ``params_at`` changes
+    #: the parameters the model computes with (per-step BatchNorm weights).
+    handles_params_at: bool = False
+
+    def check_update(self, update: InnerUpdate) -> None:
+        """Raises ``ValueError`` if this variant cannot use ``update``."""
+        if update.changes_params and not self.handles_params_at:
+            raise ValueError(
+                f"{type(self).__name__} cannot use {type(update).__name__} with per-step "
+                "BatchNorm weights (batch_norm=True): only a meta-gradient that differentiates "
+                "through the inner loop does (MAML(backward='graph'), MAMLPlusPlus)."
+            )
+
     def chunk_meta_gradient(
-        self, task: TaskModel, params: Params, data: dict[str, Tensor]
-    ) -> tuple[Params, dict[str, Tensor]]:
-        """The sum over a chunk of tasks of their meta-gradients, and per-task statistics."""
-        grads, stats = map_tasks(lambda p, d: self.task_meta_gradient(task, p, d), params, data)
-        return {n: g.sum(0) for n, g in grads.items()}, stats
+        self, task: TaskModel, params: Params, rates: Params, data: dict[str, Tensor], *args
+    ) -> tuple[tuple[Params, Params], dict[str, Tensor]]:
+        """The sums over a chunk of tasks of their meta-gradients, and per-task statistics.
+
+        ``args`` (from :meth:`step_args`) go to every task's :meth:`task_meta_gradient`.
+        """
+        grads, rate_grads, stats = map_tasks(
+            lambda p, d: self.task_meta_gradient(task, p, rates, d, *args), params, data
+        )
+        summed = (
+            {n: g.sum(0) for n, g in grads.items()},
+            {n: g.sum(0) for n, g in rate_grads.items()},
+        )
+        return summed, stats
 
     # -- pieces the variants share ---------------------------------------------------------
 
+    def step_sizes(self, rates: Params, steps: int | None = None) -> list:
+        """The inner update's step sizes for each of ``steps`` (default: ``inner_steps``) steps."""
+        return self.inner_update.step_sizes(rates, self.inner_steps if steps is None else steps)
+
     def outer_gradient(
-        self, task: TaskModel, params: Params, data: dict[str, Tensor], keep_points: bool
+        self,
+        task: TaskModel,
+        params: Params,
+        rates: Params,
+        data: dict[str, Tensor],
+        keep_points: bool,
     ) -> tuple[Params, Trajectory, dict[str, Tensor]]:
         """One task's inner loop without a second-order graph, and the outer gradient after it.
 
         Returns ``v = grad f_o(w_k, D_o)`` at the adapted point, the inner trajectory (with the
-        points ``w_0 .. w_{k-1}`` when ``keep_points``) and the task's statistics.
+        points ``w_0 .. w_{k-1}`` when ``keep_points``, and the inner gradients when the step
+        sizes are learned) and the task's statistics.
         """
         adapted, trajectory = task.adapt(
             params,
             data["support_x"],
             data["support_y"],
-            self.inner_lr,
-            self.inner_steps,
+            self.step_sizes(rates),
             keep_points=keep_points,
+            keep_grads=bool(rates),
         )
         outer, (loss, prediction) = gradient_and_value(
             task.loss_and_prediction, adapted, data["query_x"], data["query_y"], has_aux=True
@@ -185,6 +221,13 @@ class MetaAlgorithm:
             task, params, trajectory, loss, prediction, data, self.track_loss_before
         )
         return outer, trajectory, stats
+
+    def rate_gradient(self, rates: Params, cotangents: list[Params] | None) -> Params:
+        """The learned step sizes' meta-gradient from each step's (see
+        :meth:`~lightning_maml.inner.InnerUpdate.rate_gradient`); empty without learned ones."""
+        if not rates or cotangents is None:
+            return {}
+        return self.inner_update.rate_gradient(rates, self.inner_steps, cotangents)
 
     def hessian_set(self, data: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """The data the Hessian terms are taken on: ``D_h`` (independent) or ``D_in`` (inner)."""
@@ -256,55 +299,83 @@ class MetaAlgorithm:
         # process compiles its own.
         return {k: v for k, v in vars(self).items() if k != "_compiled"}
 
+    def bind(self, model: nn.Module) -> None:
+        """Binds the inner update to ``model`` (creating learned step sizes).
+
+        Raises:
+            ValueError: If this variant cannot use the inner update, or it cannot serve the model.
+        """
+        self.check_update(self.inner_update)
+        self.inner_update.bind(model, self.inner_lr, self.inner_steps)
+
+    def params_at(self, rates: Params) -> Callable[[int, Params], Params] | None:
+        """The inner update's ``params_at`` for ``rates`` (``None`` when it changes nothing)."""
+        if not self.inner_update.changes_params:
+            return None
+        return lambda step, params: self.inner_update.params_at(rates, step, params)
+
     def _run(
-        self, model: nn.Module, loss_fn: LossFn, tasks: TaskBatch, name: str, *args: int
+        self, model: nn.Module, loss_fn: LossFn, tasks: TaskBatch, name: str, *args: object
     ) -> dict:
         task = TaskModel(model, loss_fn)
         params = task.params()
         if not params:
             raise ValueError("The model has no trainable parameters to meta-learn.")
+        if not self.inner_update.adapted:
+            self.bind(model)
+        rates = self.inner_update.rates()
         size = self.chunk_size(model, tasks.support_x.device, tasks.num_tasks)
         per_chunk = self._chunk_function(name)
-        grad_sums, stats = None, []
+        sums, stats = None, []
         for chunk in tasks.chunks(size):
-            grads, chunk_stats = per_chunk(task, params, chunk.named_tensors(), *args)
-            if grads is not None:
-                grad_sums = (
-                    grads if grad_sums is None else {n: grad_sums[n] + g for n, g in grads.items()}
-                )
+            chunk_sums, chunk_stats = per_chunk(task, params, rates, chunk.named_tensors(), *args)
+            if chunk_sums is not None:
+                sums = chunk_sums if sums is None else tree_map(torch.add, sums, chunk_sums)
             stats.append(chunk_stats)
         merged = {k: torch.cat([s[k] for s in stats]) for k in stats[0]}
-        if grad_sums is not None:
-            merged["grads"] = {n: g / tasks.num_tasks for n, g in grad_sums.items()}
+        if sums is not None:
+            merged["grads"], merged["update_grads"] = tree_map(lambda g: g / tasks.num_tasks, sums)
         return merged
 
-    @staticmethod
-    def _summary(stats: dict) -> dict:
-        """Averages the per-task statistics over tasks."""
+    def _summary(self, stats: dict) -> dict:
+        """Averages the per-task statistics over tasks and adds the inner update's."""
+        series = {
+            k: v.mean(0)
+            for k, v in stats.items()
+            if k not in ("task_losses", "predictions", "losses_before", "grads", "update_grads")
+        }
         return {
             "loss": stats["task_losses"].mean(),
             "task_losses": stats["task_losses"],
             "predictions": stats["predictions"],
             "loss_before": stats["losses_before"].mean() if "losses_before" in stats else None,
-            "inner_losses": stats["inner_losses"].mean(0),
-            "inner_grad_norms": stats["inner_grad_norms"].mean(0),
+            "stats": {**series, **self.inner_update.summary()},
         }
 
-    def meta_gradient(self, model: nn.Module, loss_fn: LossFn, tasks: TaskBatch) -> MetaStep:
+    def meta_gradient(
+        self, model: nn.Module, loss_fn: LossFn, tasks: TaskBatch, step: int | None = None
+    ) -> MetaStep:
         """The meta-gradient of the mean post-adaptation query loss over ``tasks``.
 
         Args:
             model: The model; its parameters are the meta-parameters w. It is not modified.
             loss_fn: ``loss_fn(prediction, target) -> scalar``, applied per task.
             tasks: The meta-batch (support = D_in, query = D_o, hessian = D_h).
+            step: The global meta-step, for variants whose rule changes during training
+                (:class:`~lightning_maml.algorithms.MAMLPlusPlus`); the others ignore it.
 
         Returns:
             The detached meta-gradient (mean over tasks) and the step's statistics.
         """
         self.check(model, tasks)
-        stats = self._run(model, loss_fn, tasks, "chunk_meta_gradient")
-        extra = {k: stats[k].mean(0) for k in ("delta", "hvp_norms") if k in stats}
-        return MetaStep(grads=stats["grads"], **self._summary(stats), **extra)
+        stats = self._run(model, loss_fn, tasks, "chunk_meta_gradient", *self.step_args(step))
+        return MetaStep(
+            grads=stats["grads"], update_grads=stats["update_grads"], **self._summary(stats)
+        )
+
+    def step_args(self, step: int | None) -> tuple:
+        """Extra arguments of :meth:`chunk_meta_gradient` at meta-step ``step`` (none here)."""
+        return ()
 
     def evaluate(
         self,
@@ -323,7 +394,7 @@ class MetaAlgorithm:
                 al. adapt longer at test time).
         """
         steps = self.inner_steps if inner_steps is None else inner_steps
-        _check_positive_int("inner_steps", steps)
+        check_int("inner_steps", steps)
         self.check(model, tasks, needs_hessian=False)
 
         with torch.no_grad():  # torch.func.grad still differentiates the inner loop
@@ -331,14 +402,23 @@ class MetaAlgorithm:
         return Evaluation(**self._summary(stats))
 
     def chunk_evaluation(
-        self, task: TaskModel, params: Params, data: dict[str, Tensor], inner_steps: int
+        self,
+        task: TaskModel,
+        params: Params,
+        rates: Params,
+        data: dict[str, Tensor],
+        inner_steps: int,
     ) -> tuple[None, dict[str, Tensor]]:
         """Per-task statistics of adapting to a chunk of tasks (no meta-gradient)."""
+        step_sizes = self.step_sizes(rates, inner_steps)
+        params_at = self.params_at(rates)
 
         def per_task(p: Params, d: dict[str, Tensor]) -> dict[str, Tensor]:
             adapted, trajectory = task.adapt(
-                p, d["support_x"], d["support_y"], self.inner_lr, inner_steps
+                p, d["support_x"], d["support_y"], step_sizes, params_at=params_at
             )
+            if params_at is not None:
+                adapted = params_at(inner_steps - 1, adapted)
             loss, prediction = task.loss_and_prediction(adapted, d["query_x"], d["query_y"])
             return query_stats(task, p, trajectory, loss, prediction, d, loss_before=True)
 
@@ -358,8 +438,8 @@ def query_stats(
     stats = {
         "task_losses": loss.detach(),
         "predictions": prediction.detach(),
-        "inner_losses": torch.stack(trajectory.losses),
-        "inner_grad_norms": torch.stack(trajectory.grad_norms),
+        "loss/support": torch.stack(trajectory.losses),
+        "grad_norm/inner": torch.stack(trajectory.grad_norms),
     }
     if loss_before:
         stats["losses_before"] = task.loss(params, data["query_x"], data["query_y"]).detach()

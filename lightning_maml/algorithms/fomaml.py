@@ -6,6 +6,7 @@ from torch import Tensor
 
 from lightning_maml.algorithms.base import ChunkSize, CompileMode, MetaAlgorithm
 from lightning_maml.functional import Params, TaskModel
+from lightning_maml.inner import InnerUpdate
 
 __all__ = ["FOMAML"]
 
@@ -42,13 +43,23 @@ class FOMAML(MetaAlgorithm):
         task_chunk_size: ChunkSize = "auto",
         track_loss_before: bool = False,
         compile: bool | CompileMode = False,
+        inner_update: InnerUpdate | None = None,
     ) -> None:
         super().__init__(
-            inner_lr, inner_steps, "inner", task_chunk_size, track_loss_before, compile
+            inner_lr,
+            inner_steps,
+            "inner",
+            task_chunk_size,
+            track_loss_before,
+            compile,
+            inner_update,
         )
 
     def task_meta_gradient(
-        self, task: TaskModel, params: Params, data: dict[str, Tensor]
-    ) -> tuple[Params, dict[str, Tensor]]:
-        outer, _, stats = self.outer_gradient(task, params, data, keep_points=False)
-        return outer, stats
+        self, task: TaskModel, params: Params, rates: Params, data: dict[str, Tensor]
+    ) -> tuple[Params, Params, dict[str, Tensor]]:
+        outer, trajectory, stats = self.outer_gradient(task, params, rates, data, keep_points=False)
+        # Without Hessians the meta-gradient is v at every step back: alpha_j's gradient is
+        # -grad f_in(w_j) (.) v.
+        cotangents = [{n: -g[n] * outer[n] for n in g} for g in trajectory.grads]
+        return outer, self.rate_gradient(rates, cotangents if rates else None), stats

@@ -16,6 +16,7 @@ from lightning_maml.functional import (
     finite_difference_hvp,
     tree_norm,
 )
+from lightning_maml.inner import InnerUpdate
 
 __all__ = ["HFMAML"]
 
@@ -91,9 +92,16 @@ class HFMAML(MetaAlgorithm):
         track_loss_before: bool = False,
         compile: bool | CompileMode = False,
         hvp: Hvp = "finite_difference",
+        inner_update: InnerUpdate | None = None,
     ) -> None:
         super().__init__(
-            inner_lr, inner_steps, hessian_batch, task_chunk_size, track_loss_before, compile
+            inner_lr,
+            inner_steps,
+            hessian_batch,
+            task_chunk_size,
+            track_loss_before,
+            compile,
+            inner_update,
         )
         if hvp != "finite_difference" and hvp not in EXACT_HVPS:
             raise ValueError(
@@ -155,24 +163,34 @@ class HFMAML(MetaAlgorithm):
         return self.delta_scale / norm
 
     def task_meta_gradient(
-        self, task: TaskModel, params: Params, data: dict[str, Tensor]
-    ) -> tuple[Params, dict[str, Tensor]]:
-        outer, trajectory, stats = self.outer_gradient(task, params, data, keep_points=True)
+        self, task: TaskModel, params: Params, rates: Params, data: dict[str, Tensor]
+    ) -> tuple[Params, Params, dict[str, Tensor]]:
+        outer, trajectory, stats = self.outer_gradient(task, params, rates, data, keep_points=True)
         x_h, y_h = self.hessian_set(data)
         deltas, norms = [], []
 
-        def hvp(point: Params, vector: Params) -> Params:
+        def hvp(point: Params, direction: Params) -> Params:
+            # The recursion asks for H (alpha (.) g); the delta rules are stated for the
+            # direction g, whose norm is that of alpha (.) g over alpha for one step size.
             if self.hvp in EXACT_HVPS:
-                product = EXACT_HVPS[self.hvp](task, point, vector, x_h, y_h)
+                product = EXACT_HVPS[self.hvp](task, point, direction, x_h, y_h)
             else:
-                deltas.append(self.step_size(tree_norm(vector)))
-                product = finite_difference_hvp(task, point, vector, deltas[-1], x_h, y_h)
-            norms.append(tree_norm(product))
+                deltas.append(self.step_size(tree_norm(direction) / self.inner_lr))
+                product = finite_difference_hvp(
+                    task, point, direction, deltas[-1] / self.inner_lr, x_h, y_h
+                )
+            norms.append(tree_norm(product) / self.inner_lr)
             return product
 
-        grads = backward_recursion(outer, trajectory.points, self.inner_lr, hvp)
+        grads, cotangents = backward_recursion(
+            outer,
+            trajectory.points,
+            self.step_sizes(rates),
+            hvp,
+            trajectory.grads if rates else None,
+        )
         # The recursion runs j = k-1 .. 0; reported in inner-step order like the other statistics.
         if deltas:
-            stats["delta"] = torch.stack(deltas[::-1])
-        stats["hvp_norms"] = torch.stack(norms[::-1])
-        return grads, stats
+            stats["hfmaml/delta"] = torch.stack(deltas[::-1])
+        stats["hfmaml/hvp_norm"] = torch.stack(norms[::-1])
+        return grads, self.rate_gradient(rates, cotangents), stats

@@ -6,6 +6,7 @@ import functools
 from typing import Literal
 
 from torch import Tensor
+from torch.func import grad_and_value
 
 from lightning_maml.algorithms.base import (
     ChunkSize,
@@ -21,6 +22,7 @@ from lightning_maml.functional import (
     backward_recursion,
     gradient_and_value,
 )
+from lightning_maml.inner import InnerUpdate
 
 __all__ = ["MAML"]
 
@@ -92,9 +94,16 @@ class MAML(MetaAlgorithm):
         compile: bool | CompileMode = False,
         backward: Backward = "graph",
         hvp: ExactHvp = "reverse",
+        inner_update: InnerUpdate | None = None,
     ) -> None:
         super().__init__(
-            inner_lr, inner_steps, hessian_batch, task_chunk_size, track_loss_before, compile
+            inner_lr,
+            inner_steps,
+            hessian_batch,
+            task_chunk_size,
+            track_loss_before,
+            compile,
+            inner_update,
         )
         if backward not in ("graph", "recursion"):
             raise ValueError(
@@ -112,23 +121,44 @@ class MAML(MetaAlgorithm):
         self.backward = backward
         self.hvp = hvp
 
+    @property
+    def handles_params_at(self) -> bool:
+        return self.backward == "graph"
+
     def task_meta_gradient(
-        self, task: TaskModel, params: Params, data: dict[str, Tensor]
-    ) -> tuple[Params, dict[str, Tensor]]:
+        self, task: TaskModel, params: Params, rates: Params, data: dict[str, Tensor]
+    ) -> tuple[Params, Params, dict[str, Tensor]]:
         if self.backward == "recursion":
-            outer, trajectory, stats = self.outer_gradient(task, params, data, keep_points=True)
+            outer, trajectory, stats = self.outer_gradient(
+                task, params, rates, data, keep_points=True
+            )
             x_h, y_h = self.hessian_set(data)
             hvp = functools.partial(EXACT_HVPS[self.hvp], task, x=x_h, y=y_h)
-            return backward_recursion(outer, trajectory.points, self.inner_lr, hvp), stats
+            grads, cotangents = backward_recursion(
+                outer,
+                trajectory.points,
+                self.step_sizes(rates),
+                hvp,
+                trajectory.grads if rates else None,
+            )
+            return grads, self.rate_gradient(rates, cotangents), stats
 
         hessian = (
             (data["hessian_x"], data["hessian_y"]) if self.hessian_batch == "independent" else None
         )
 
-        def objective(p: Params) -> tuple[Tensor, dict[str, Tensor]]:
+        def objective(p: Params, r: Params) -> tuple[Tensor, dict[str, Tensor]]:
+            params_at = self.params_at(r)
             adapted, trajectory = task.adapt(
-                p, data["support_x"], data["support_y"], self.inner_lr, self.inner_steps, hessian
+                p,
+                data["support_x"],
+                data["support_y"],
+                self.step_sizes(r),
+                hessian,
+                params_at=params_at,
             )
+            if params_at is not None:
+                adapted = params_at(self.inner_steps - 1, adapted)
             loss, prediction = task.loss_and_prediction(adapted, data["query_x"], data["query_y"])
             return loss, query_stats(
                 task, p, trajectory, loss, prediction, data, self.track_loss_before
@@ -137,5 +167,12 @@ class MAML(MetaAlgorithm):
         # Per task, then vmapped by the base class. The other order, one grad of the vmapped
         # sum, gets BatchNorm's double backward wrong in torch.func (measured: conv biases
         # before BatchNorm, whose true gradient is 0, got 1e-3; see tests/test_algorithms.py).
-        grads, (_, stats) = gradient_and_value(objective, params, has_aux=True)
-        return grads, stats
+        if not rates:
+            grads, (_, stats) = gradient_and_value(
+                lambda p: objective(p, rates), params, has_aux=True
+            )
+            return grads, {}, stats
+        (grads, rate_grads), (_, stats) = grad_and_value(objective, argnums=(0, 1), has_aux=True)(
+            params, rates
+        )
+        return grads, rate_grads, stats

@@ -45,6 +45,10 @@ class GradNormMonitor(Callback):
     - ``loss/query_before``, ``loss/query_after``: the query loss before and after adaptation.
     - ``hfmaml/delta_step_{j}``, ``hfmaml/hvp_norm_step_{j}`` (HF-MAML only): the finite-difference
       step delta and the norm of the Hessian-vector estimate at inner step ``j``.
+    - ``inner_lr/<parameter>`` (learned step sizes only): their mean per parameter tensor, or per
+      tensor and step (``inner_lr/<parameter>_step_{j}``).
+    - anything else a variant reports in :attr:`MetaStep.stats`, under its own key: this callback
+      logs them all without knowing the variant.
 
     The statistics of the inner loop come from ``pl_module.last_meta_step`` (a :class:`MetaStep`,
     which :class:`~lightning_maml.MetaLearner` records each step): inner-loop gradients never reach
@@ -154,21 +158,18 @@ class GradNormMonitor(Callback):
 
     @staticmethod
     def _step_metrics(trainer: pl.Trainer, step: MetaStep) -> dict[str, Tensor]:
-        """The step's inner-loop statistics, averaged over all tasks of all ranks."""
-        per_step = {
-            "grad_norm/inner_step": step.inner_grad_norms,
-            "loss/support_step": step.inner_losses,
-            "hfmaml/delta_step": step.delta,
-            "hfmaml/hvp_norm_step": step.hvp_norms,
-        }
+        """The step's statistics, averaged over all tasks of all ranks.
+
+        Whatever the variant: each entry of ``step.stats`` is logged under its key, or as
+        ``<key>_step_<j>`` when it holds one value per inner step.
+        """
         keys, values = ["loss/query_after"], [step.loss.reshape(1)]
         if step.loss_before is not None:
             keys.append("loss/query_before")
             values.append(step.loss_before.reshape(1))
-        for prefix, series in per_step.items():
-            if series is not None:
-                keys += [f"{prefix}_{j}" for j in range(series.numel())]
-                values.append(series.reshape(-1))
+        for key, value in step.stats.items():
+            keys += [key] if value.dim() == 0 else [f"{key}_step_{j}" for j in range(len(value))]
+            values.append(value.detach().reshape(-1).to(values[0].dtype))
         # One collective for all of them rather than one per key (sync_dist=True).
-        flat = trainer.strategy.reduce(torch.cat(values).detach(), reduce_op="mean")
+        flat = trainer.strategy.reduce(torch.cat(values), reduce_op="mean")
         return dict(zip(keys, flat.unbind(), strict=True))

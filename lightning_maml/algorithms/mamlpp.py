@@ -1,0 +1,148 @@
+"""MAML++: MAML with learned per-step inner loops, the multi-step loss and derivative annealing."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.func import grad_and_value
+
+from lightning_maml.algorithms.base import (
+    ChunkSize,
+    CompileMode,
+    HessianBatch,
+    MetaAlgorithm,
+    query_stats,
+)
+from lightning_maml.checks import check_int
+from lightning_maml.functional import Params, TaskModel
+from lightning_maml.inner import InnerUpdate, PerStepRates
+
+__all__ = ["MAMLPlusPlus"]
+
+#: The floor of a non-final step's weight in the multi-step loss, as a fraction of 1 / k.
+MIN_STEP_WEIGHT = 0.03
+
+
+class MAMLPlusPlus(MetaAlgorithm):
+    """MAML++: MAML made stable and fast to train by five changes of Antoniou et al.
+
+    Update rule: ``w <- w - beta grad sum_j m_j(t) f_o(phi_{j+1}, D_o)``, differentiated with
+    respect to ``w`` and the inner update's learned tensors, where ``phi_{j+1}`` is the point
+    after inner step ``j`` of ``phi_{j+1} = phi_j - alpha_j (.) grad f_in(phi_j)`` and
+    ``m(t)`` the multi-step loss weights at meta-step ``t``. The changes, each a setting:
+
+    - learned per-layer per-step step sizes (LSLR) and per-step BatchNorm weights and biases
+      (BNWB): the default inner update, ``PerStepRates(batch_norm=True)``;
+    - the multi-step loss (MSL): the query loss after every inner step, weighted; the weights
+      start equal (``1/k``) and move linearly to the last step over ``multi_step_loss_steps``
+      meta-steps, the others keeping at least ``0.03 / k``; after that, the last step alone;
+    - derivative-order annealing (DA): first-order meta-gradients (inner gradients treated as
+      constants, the step sizes still learned) for the first ``first_order_steps`` meta-steps,
+      second-order after;
+    - cosine annealing of the meta learning rate (CA) is a scheduler of the learner
+      (``lr_scheduler``), as in the recipes.
+
+    MAML++'s per-step running statistics (BNRS) have no counterpart: the models here normalize
+    with each batch's statistics (``track_running_stats=False``).
+
+    Args:
+        inner_lr: The starting value of the learned step sizes.
+        inner_steps: The number of inner steps k, in training and evaluation alike.
+        multi_step_loss_steps: Meta-steps over which the multi-step loss anneals to the last
+            step (0: the last step's loss only, from the start).
+        first_order_steps: Meta-steps of first-order meta-gradients before second-order ones.
+        hessian_batch: ``"inner"`` or ``"independent"`` (see :class:`~lightning_maml.MAML`).
+        task_chunk_size: Tasks per vectorised call (see :class:`MetaAlgorithm`).
+        track_loss_before: Also report the pre-adaptation query loss (see :class:`MetaAlgorithm`).
+        compile: Compile the per-chunk computation with ``torch.compile`` (see :class:`MetaAlgorithm`).
+        inner_update: The inner update (default ``PerStepRates(batch_norm=True)``; pass
+            ``PerStepRates()`` to leave BatchNorm alone or ``InnerUpdate()`` for fixed steps).
+
+    References:
+        A. Antoniou, H. Edwards, A. Storkey. How to Train Your MAML. ICLR 2019.
+    """
+
+    handles_params_at = True
+
+    def __init__(
+        self,
+        inner_lr: float,
+        inner_steps: int = 5,
+        multi_step_loss_steps: int = 0,
+        first_order_steps: int = 0,
+        hessian_batch: HessianBatch = "inner",
+        task_chunk_size: ChunkSize = "auto",
+        track_loss_before: bool = False,
+        compile: bool | CompileMode = False,
+        inner_update: InnerUpdate | None = None,
+    ) -> None:
+        super().__init__(
+            inner_lr,
+            inner_steps,
+            hessian_batch,
+            task_chunk_size,
+            track_loss_before,
+            compile,
+            inner_update if inner_update is not None else PerStepRates(batch_norm=True),
+        )
+        self.multi_step_loss_steps = check_int("multi_step_loss_steps", multi_step_loss_steps, 0)
+        self.first_order_steps = check_int("first_order_steps", first_order_steps, 0)
+
+    def step_weights(self, step: int | None) -> Tensor | None:
+        """The multi-step loss weights at meta-step ``step``; ``None`` once only the last counts."""
+        k = self.inner_steps
+        t = 0 if step is None else step
+        if t >= self.multi_step_loss_steps or k == 1:
+            return None
+        floor = MIN_STEP_WEIGHT / k
+        early = max(1.0 / k - t / (k * self.multi_step_loss_steps), floor)
+        return torch.tensor([early] * (k - 1) + [1.0 - early * (k - 1)])
+
+    def step_args(self, step: int | None) -> tuple:
+        second_order = step is not None and step >= self.first_order_steps
+        return self.step_weights(step), second_order
+
+    def task_meta_gradient(
+        self,
+        task: TaskModel,
+        params: Params,
+        rates: Params,
+        data: dict[str, Tensor],
+        weights: Tensor | None = None,
+        second_order: bool = True,
+    ) -> tuple[Params, Params, dict[str, Tensor]]:
+        hessian = self.hessian_set(data) if self.hessian_batch == "independent" else None
+        k = self.inner_steps
+
+        def objective(p: Params, r: Params) -> tuple[Tensor, dict[str, Tensor]]:
+            params_at = self.params_at(r) or (lambda step, q: q)
+            adapted, trajectory = task.adapt(
+                p,
+                data["support_x"],
+                data["support_y"],
+                self.step_sizes(r),
+                hessian,
+                keep_points=weights is not None,
+                params_at=params_at,
+                first_order=not second_order,
+            )
+            loss, prediction = task.loss_and_prediction(
+                params_at(k - 1, adapted), data["query_x"], data["query_y"]
+            )
+            total = loss
+            if weights is not None:
+                # The points after steps 0 .. k-2 are the trajectory's w_1 .. w_{k-1}.
+                total = weights[-1].to(loss.dtype) * loss
+                for j, point in enumerate(trajectory.points[1:]):
+                    early = task.loss(params_at(j, point), data["query_x"], data["query_y"])
+                    total = total + weights[j].to(loss.dtype) * early
+            stats = query_stats(task, p, trajectory, loss, prediction, data, self.track_loss_before)
+            return total, stats
+
+        if not rates:
+            grads, (_, stats) = grad_and_value(objective, has_aux=True)(params, rates)
+            return grads, {}, stats
+        (grads, rate_grads), (_, stats) = grad_and_value(objective, argnums=(0, 1), has_aux=True)(
+            params, rates
+        )
+        return grads, rate_grads, stats
