@@ -34,9 +34,10 @@ __all__ = ["MetaCLI", "main"]
 
 #: Sub-commands that are not Trainer methods: name -> "module:function(argv) -> int".
 TOOLS: dict[str, str] = {
-    "plot": "lightning_maml.plot:main",
-    "estimate": "lightning_maml.theory.commands:estimate_main",
-    "plan": "lightning_maml.theory.commands:plan_main",
+    "plot": "lightning_maml.tools.plot:main",
+    "estimate": "lightning_maml.tools.theory:estimate_main",
+    "plan": "lightning_maml.tools.theory:plan_main",
+    "experiment": "lightning_maml.tools.experiment:main",
     "download": "datamodules.download:main",
 }
 

@@ -148,7 +148,9 @@ def test_hfmaml_delta_rules():
     scale = HFMAML(0.3, delta_scale=0.05).meta_gradient(model, mse, tasks)
     theory = HFMAML(0.3, delta="theory", rho=2.0).meta_gradient(model, mse, tasks)
     fixed = HFMAML(0.3, delta=0.02).meta_gradient(model, mse, tasks)
-    torch.testing.assert_close(fixed.stats["hfmaml/delta"], torch.tensor([0.02], dtype=torch.float64))
+    torch.testing.assert_close(
+        fixed.stats["hfmaml/delta"], torch.tensor([0.02], dtype=torch.float64)
+    )
     # delta_i = c / ||v_i|| and 1 / (6 rho alpha ||v_i||) per task; compare via the same norms.
     f = flat_loss(model)
     theta0 = torch.cat([p.detach().flatten() for p in model.parameters()])
@@ -158,7 +160,9 @@ def test_hfmaml_delta_rules():
         norms.append(flat_grad(f, u, tasks.query_x[i], tasks.query_y[i]).norm())
     norms = torch.stack(norms)
     torch.testing.assert_close(scale.stats["hfmaml/delta"], (0.05 / norms).mean().unsqueeze(0))
-    torch.testing.assert_close(theory.stats["hfmaml/delta"], (1 / (6 * 2.0 * 0.3 * norms)).mean().unsqueeze(0))
+    torch.testing.assert_close(
+        theory.stats["hfmaml/delta"], (1 / (6 * 2.0 * 0.3 * norms)).mean().unsqueeze(0)
+    )
     assert v.norm() > 0
 
 
@@ -191,7 +195,9 @@ def test_chunked_and_looped_equal_vectorised(algorithm):
     for size in [2, 1]:
         torch.testing.assert_close(results[size].grads, results[None].grads)
         torch.testing.assert_close(results[size].loss, results[None].loss)
-        torch.testing.assert_close(results[size].stats["grad_norm/inner"], results[None].stats["grad_norm/inner"])
+        torch.testing.assert_close(
+            results[size].stats["grad_norm/inner"], results[None].stats["grad_norm/inner"]
+        )
 
 
 def test_batchnorm_without_running_stats_vmaps():

@@ -12,7 +12,7 @@ from lightning_maml import FOMAML, MetaLearner
 from lightning_maml.callbacks import GradNormMonitor
 from lightning_maml.cli import main
 from lightning_maml.models import MLP
-from lightning_maml.plot import DEFAULT_KEYS, load_run
+from lightning_maml.tools.plot import DEFAULT_KEYS, load_run
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,8 @@ from lightning_maml import HFMAML, MetaLearner
 from lightning_maml.callbacks import GradNormMonitor
 from lightning_maml.cli import default_wandb_offline, main
 from lightning_maml.models import MLP
-from lightning_maml.plot import load_run, wandb_records
-from lightning_maml.plot import main as plot
+from lightning_maml.tools.plot import load_run, wandb_records
+from lightning_maml.tools.plot import main as plot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(REPO, "recipes", "sinusoid", "hfmaml.yaml")

@@ -17,11 +17,10 @@ from lightning_maml.functional import (
     tree_norm,
 )
 from lightning_maml.inner import InnerUpdate
+from lightning_maml.theory.constants import SHARED, SharedConstants
 
 __all__ = ["HFMAML"]
 
-#: Fallah et al. 2020's choice of delta is 1 / (THEORY_DELTA_DENOMINATOR * rho * alpha * ||v||).
-THEORY_DELTA_DENOMINATOR = 6.0
 #: delta = DEFAULT_DELTA_SCALE / ||v|| when no rule is given.
 DEFAULT_DELTA_SCALE = 0.01
 
@@ -57,7 +56,8 @@ class HFMAML(MetaAlgorithm):
     The step delta (one rule):
 
     - ``delta=0.001``: a fixed step;
-    - ``delta="theory", rho=...``: ``delta_i = 1 / (6 rho alpha ||v_i||)``, the theorem's choice;
+    - ``delta="theory", rho=...``: ``delta_i = 1 / (6 rho alpha ||v_i||)``, the theorem's choice
+      (its 6 is ``constants.delta_denominator``);
     - ``delta_scale=c``: ``delta_i = c / ||v_i||`` (default ``c = 0.01``), so that the
       perturbation ``delta_i v_i`` has norm c whatever the gradient's scale.
 
@@ -73,12 +73,19 @@ class HFMAML(MetaAlgorithm):
         track_loss_before: Also report the pre-adaptation query loss (see :class:`MetaAlgorithm`).
         compile: Compile the per-chunk computation with ``torch.compile`` (see :class:`MetaAlgorithm`).
         hvp: ``"finite_difference"``, ``"reverse"`` or ``"forward"``, as above.
+        inner_update: Which parameters adapt, with which step sizes (see
+            :class:`~lightning_maml.inner.InnerUpdate`). The delta rules are stated for one step
+            size: with learned ones, ``inner_lr`` stands for them in the rules.
+        constants: The theory's shared constants (the 6 of ``delta="theory"``), Fallah et al.
+            2020's by default (:data:`~lightning_maml.theory.constants.SHARED`).
 
     References:
         A. Fallah, A. Mokhtari, A. Ozdaglar. On the Convergence Theory of Gradient-Based
         Model-Agnostic Meta-Learning Algorithms. AISTATS 2020 (Section 6, HF-MAML).
         B. A. Pearlmutter. Fast Exact Multiplication by the Hessian. Neural Computation 1994.
     """
+
+    theory_variant = "hfmaml"
 
     def __init__(
         self,
@@ -93,6 +100,7 @@ class HFMAML(MetaAlgorithm):
         compile: bool | CompileMode = False,
         hvp: Hvp = "finite_difference",
         inner_update: InnerUpdate | None = None,
+        constants: SharedConstants = SHARED,
     ) -> None:
         super().__init__(
             inner_lr,
@@ -108,6 +116,7 @@ class HFMAML(MetaAlgorithm):
                 "HFMAML hvp must be 'finite_difference', 'reverse' or 'forward' (exact "
                 f"products), got {hvp!r}."
             )
+        self.constants = constants
         self.hvp = hvp
         if hvp in EXACT_HVPS:
             if (delta, rho, delta_scale) != (None, None, None):
@@ -157,7 +166,7 @@ class HFMAML(MetaAlgorithm):
         # A zero direction has a zero product for any delta; the floor only avoids inf * 0.
         norm = vector_norm.clamp_min(torch.finfo(vector_norm.dtype).eps)
         if self.delta == "theory":
-            return 1.0 / (THEORY_DELTA_DENOMINATOR * self.rho * self.inner_lr * norm)
+            return 1.0 / (self.constants.delta_denominator * self.rho * self.inner_lr * norm)
         if self.delta is not None:
             return torch.full_like(norm, float(self.delta))
         return self.delta_scale / norm

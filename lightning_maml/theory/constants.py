@@ -16,12 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from lightning_maml.algorithms.hfmaml import THEORY_DELTA_DENOMINATOR
-
-__all__ = ["THEORY", "VARIANTS", "SharedConstants", "VariantConstants"]
-
-#: The variants the theory covers, by the names used in recipes, logs and the planner.
-VARIANTS = ("maml", "fomaml", "hfmaml")
+__all__ = ["SHARED", "THEORY", "VARIANTS", "SharedConstants", "VariantConstants"]
 
 
 @dataclass(frozen=True)
@@ -63,7 +58,7 @@ class SharedConstants:
     min_task_batch: int = 20
     step_task_batch: float = 0.5
     step_data_batch: float = 2.0
-    delta_denominator: float = THEORY_DELTA_DENOMINATOR
+    delta_denominator: float = 6.0
 
 
 #: Each variant's constants (Fallah et al. 2020). The summary gives FO-MAML's error bound only
@@ -89,3 +84,10 @@ THEORY: Mapping[str, VariantConstants] = MappingProxyType(
         ),
     }
 )
+
+#: The variants the theory covers, by the names used in recipes, logs and the planner (each
+#: algorithm class names its own in ``theory_variant``).
+VARIANTS = tuple(THEORY)
+
+#: The shared constants with the published values.
+SHARED = SharedConstants()

@@ -12,13 +12,17 @@ with c per variant (:data:`lightning_maml.theory.constants.THEORY`).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 from torch.func import grad
 
-from lightning_maml.algorithms import FOMAML, HFMAML, MAML, MetaAlgorithm
 from lightning_maml.functional import LossFn, Params, TaskModel, map_tasks, tree_norm
 from lightning_maml.theory.constants import THEORY
+
+if TYPE_CHECKING:  # the theory is a library below the algorithms: no import at run time
+    from lightning_maml.algorithms import MetaAlgorithm
 
 __all__ = [
     "local_smoothness",
@@ -32,16 +36,24 @@ __all__ = [
 def variant_name(algorithm: MetaAlgorithm) -> str:
     """The theory's name for an algorithm object: ``"maml"``, ``"fomaml"`` or ``"hfmaml"``.
 
+    Each algorithm class says which variant of the theory it is (``theory_variant``); the
+    theorems assume one fixed step size on every parameter, so an inner update that learns step
+    sizes or adapts only some parameters is outside them.
+
     Raises:
-        ValueError: For a :class:`MetaAlgorithm` the theory does not cover.
+        ValueError: For an algorithm, or an inner update, the theory does not cover.
     """
-    for cls, name in ((HFMAML, "hfmaml"), (FOMAML, "fomaml"), (MAML, "maml")):
-        if isinstance(algorithm, cls):
-            return name
-    raise ValueError(
-        f"The theory covers MAML, FOMAML and HFMAML, not {type(algorithm).__name__}: pass the "
-        "step-size constant c explicitly."
-    )
+    name = getattr(algorithm, "theory_variant", None)
+    update = getattr(algorithm, "inner_update", None)
+    if name is None or (
+        update is not None
+        and (update.learns_step_sizes or update.adapt is not None or update.freeze)
+    ):
+        raise ValueError(
+            f"The theory covers MAML, FOMAML and HFMAML with one fixed inner step size on every "
+            f"parameter, not {algorithm!r}: pass the step-size constant c explicitly."
+        )
+    return name
 
 
 def step_size_constant(variant: str) -> float:

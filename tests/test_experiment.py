@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lightning_maml.theory import LinearTaskFamily
-from lightning_maml.theory.experiment import (
+from lightning_maml.tools.experiment import (
     final_level,
     linear_curves,
     log_wandb,

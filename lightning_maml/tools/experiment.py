@@ -14,7 +14,7 @@ variant trained by a Lightning ``Trainer`` with :class:`TheoryStepSize` and watc
 :class:`StationarityMonitor`; HF-MAML uses the theorem's ``delta = 1 / (6 rho alpha ||v||)``,
 and the error of its finite-difference meta-gradient against MAML's is measured.
 
-    python -m lightning_maml.theory.experiment --output runs/theory
+    lightning-maml experiment --output runs/theory
 
 writes ``linear.png``, ``sinusoid.png``, ``results.json`` and a W&B run (offline without a key).
 This module sits on top of the package (it uses the ``datamodules`` package); nothing imports it.
@@ -64,9 +64,9 @@ SPREADS = (0.5, 1.0, 2.0)
 
 def make_algorithm(variant: str, inner_lr: float, **kwargs) -> MetaAlgorithm:
     """The paper's form of each variant: Hessian terms on the independent batch D_h."""
-    if variant == "fomaml":
-        return FOMAML(inner_lr)
-    cls = MAML if variant == "maml" else HFMAML
+    cls = {c.theory_variant: c for c in (MAML, FOMAML, HFMAML)}[variant]
+    if not cls.uses_hessian:
+        return cls(inner_lr)
     return cls(inner_lr, hessian_batch="independent", **kwargs)
 
 
@@ -525,9 +525,9 @@ def summary(linear: dict, sinusoid: dict | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m lightning_maml.theory.experiment``."""
+    """``lightning-maml experiment``."""
     parser = argparse.ArgumentParser(
-        prog="python -m lightning_maml.theory.experiment", description=__doc__.splitlines()[0]
+        prog="lightning-maml experiment", description=__doc__.splitlines()[0]
     )
     parser.add_argument(
         "--output", required=True, help="directory for the figures, JSON and W&B run"
