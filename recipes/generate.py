@@ -1,7 +1,9 @@
 """Writes the image-classification recipes: recipes/<benchmark>/<variant>_<ways>w<shots>s[_ddp].yaml.
 
 The Omniglot, mini-ImageNet, CIFAR-FS and FC100 recipes are generated from the tables below, so
-that the 72 files stay consistent; edit this script, not the YAML, and run
+that they stay consistent: MAML, FO-MAML and HF-MAML on every benchmark, and ANIL, Meta-SGD and
+MAML++ with their papers' settings on Omniglot and mini-ImageNet 5-way 1-shot. Edit this script,
+not the YAML, and run
 
     python recipes/generate.py           # rewrite the recipes
     python recipes/generate.py --check   # exit 1 if a recipe differs from what this writes
@@ -13,7 +15,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 RECIPES = Path(__file__).resolve().parent
@@ -53,6 +56,8 @@ class Setting:
     val_check_interval: int = 1000
     extra_data: tuple[tuple[str, object], ...] = ()
     download: bool = True  # mini-ImageNet has no official file to download
+    algorithm_lines: tuple[str, ...] = ()  # more init_args of the algorithm (indented 6)
+    scheduler_lines: tuple[str, ...] = ()  # the learner's lr_scheduler block (indented 2)
 
     @property
     def shape(self) -> str:
@@ -175,6 +180,93 @@ def cifar(benchmark: str, ways: int, shots: int) -> Setting:
     )
 
 
+ANIL_SOURCE = (
+    "Settings: Raghu et al. 2020 (ANIL) keep MAML's (Finn et al. 2017), the head adapting alone.",
+)
+METASGD_SOURCE = (
+    "Settings: Li et al. 2017 (Meta-SGD): one inner step with a learned step size per parameter",
+    "          element, otherwise MAML's (Finn et al. 2017); the step sizes start at inner_lr here",
+    "          (Li et al. draw them in [0.005, 0.1]).",
+)
+MAMLPP_SOURCE = (
+    "Settings: Antoniou et al. 2019 (MAML++), as in the authors' released configuration:",
+    "          5 inner steps with learned per-layer per-step step sizes and per-step BatchNorm",
+    "          weights, the multi-step loss over the first 10 epochs of 500 steps (at least",
+    "          0.01 / k per step), second order throughout.",
+)
+
+
+def anil(s: Setting) -> Setting:
+    return replace(
+        s,
+        source_lines=ANIL_SOURCE,
+        algorithm_lines=("inner_update:", "  class_path: lightning_maml.ANIL"),
+    )
+
+
+def meta_sgd(s: Setting) -> Setting:
+    return replace(
+        s,
+        source_lines=METASGD_SOURCE,
+        inner_steps=1,
+        eval_inner_steps=1,
+        algorithm_lines=("inner_update:", "  class_path: lightning_maml.MetaSGD"),
+    )
+
+
+def maml_plus_plus(s: Setting) -> Setting:
+    omniglot = s.benchmark == "omniglot"
+    steps = 50000
+    return replace(
+        s,
+        source_lines=MAMLPP_SOURCE
+        + (
+            ("          Cosine annealing of the meta learning rate to 1e-5.",)
+            if omniglot
+            else ("          A constant meta learning rate (the configuration's minimum is 1e-3).",)
+        ),
+        query_shots=1 if omniglot else 15,
+        hidden=64 if omniglot else 48,
+        inner_lr=0.1 if omniglot else 0.01,
+        inner_steps=5,
+        eval_inner_steps=5,
+        meta_batch_size=8 if omniglot else 2,
+        ddp_devices=8 if omniglot else 2,
+        max_steps=steps,
+        algorithm_lines=(
+            f"multi_step_loss_steps: {10 * 500 if omniglot else 15 * 500}",
+            "first_order_steps: 0",
+            "min_step_weight: 0.01",
+            "inner_update:",
+            "  class_path: lightning_maml.PerStepRates",
+            "  init_args:",
+            "    batch_norm: true",
+        ),
+        scheduler_lines=(
+            (
+                "lr_scheduler:",
+                "  class_path: torch.optim.lr_scheduler.CosineAnnealingLR",
+                "  init_args:",
+                f"    T_max: {steps}",
+                "    eta_min: 1.0e-05",
+            )
+            if omniglot
+            else ()
+        ),
+    )
+
+
+#: Where the other members of the family have recipes.
+FAMILY_SETTINGS = {("omniglot", "5w1s"), ("miniimagenet", "5w1s")}
+#: The other members of the family: name -> (algorithm class, description, setting change),
+#: each on Omniglot and mini-ImageNet 5-way 1-shot.
+FAMILY: dict[str, tuple[str, str, Callable[[Setting], Setting]]] = {
+    "anil": ("MAML", "ANIL (only the head adapts, Raghu et al. 2020)", anil),
+    "metasgd": ("MAML", "Meta-SGD (learned per-parameter step sizes, Li et al. 2017)", meta_sgd),
+    "mamlpp": ("MAMLPlusPlus", "MAML++ (Antoniou et al. 2019)", maml_plus_plus),
+}
+
+
 def settings() -> list[Setting]:
     found = [omniglot(w, s) for w in (5, 20) for s in (1, 5)]
     found += [miniimagenet(5, s) for s in (1, 5)]
@@ -194,7 +286,11 @@ def _num(value: float) -> str:
 
 def recipe(s: Setting, variant: str, ddp: bool) -> tuple[str, str]:
     """The path (relative to recipes/) and text of one recipe."""
-    cls, description = VARIANTS[variant]
+    if variant in FAMILY:
+        cls, description, change = FAMILY[variant]
+        s = change(s)
+    else:
+        cls, description = VARIANTS[variant]
     name = f"{variant}_{s.shape}{'_ddp' if ddp else ''}.yaml"
     path = f"{s.benchmark}/{name}"
     base = f"recipes/{s.benchmark}/{variant}_{s.shape}.yaml"
@@ -214,7 +310,8 @@ def recipe(s: Setting, variant: str, ddp: bool) -> tuple[str, str]:
         f"# ConvNet ({s.in_channels}-channel {s.image_size}x{s.image_size} input, 4 blocks of {s.hidden} filters);"
         f" {steps} ({s.eval_inner_steps} at test);",
         f"# meta-batch {s.meta_batch_size} tasks; {s.query_shots} query image{'s' if s.query_shots > 1 else ''}"
-        f" per class; Adam 1e-3; {s.max_steps:,} meta-steps; tested on 600 tasks.",
+        f" per class; Adam 1e-3{' (cosine-annealed)' if s.scheduler_lines else ''};"
+        f" {s.max_steps:,} meta-steps; tested on 600 tasks.",
         *(f"# {line}" for line in s.source_lines),
         *(f"# {line}" for line in s.data_lines),
     ]
@@ -294,12 +391,14 @@ def recipe(s: Setting, variant: str, ddp: bool) -> tuple[str, str]:
     ]
     if variant == "hfmaml":
         lines.append("      delta_scale: 0.01")
+    lines += [f"      {line}" for line in s.algorithm_lines]
     lines += [
         "  loss: cross_entropy",
         "  meta_optimizer:",
         "    class_path: torch.optim.Adam",
         "    init_args:",
         "      lr: 0.001",
+        *(f"  {line}" for line in s.scheduler_lines),
         f"  eval_inner_steps: {s.eval_inner_steps}",
         "data:",
         f"  class_path: {s.datamodule}",
@@ -324,7 +423,8 @@ def recipes() -> dict[str, str]:
     """Every generated recipe: path relative to recipes/ -> text."""
     out = {}
     for s in settings():
-        for variant in VARIANTS:
+        family = list(FAMILY) if (s.benchmark, s.shape) in FAMILY_SETTINGS else []
+        for variant in [*VARIANTS, *family]:
             for ddp in (False, True):
                 path, text = recipe(s, variant, ddp)
                 out[path] = text

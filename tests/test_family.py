@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -109,10 +110,10 @@ def reference(
     per_step_bn = getattr(update, "batch_norm", False)
 
     def alpha(n: str, j: int):
-        if isinstance(update, MetaSGD):
-            return learned[f"lr.{key(n)}"]
         if isinstance(update, PerStepRates):
             return learned[f"lr.{key(n)}"][j]
+        if learned:  # one learned tensor per parameter, the same on every step
+            return learned[f"lr.{key(n)}"]
         return inner_lr
 
     def view(w: dict, j: int) -> dict:
@@ -311,6 +312,27 @@ def test_reptile_moves_towards_the_adapted_parameters():
     for n, value in expected.items():
         torch.testing.assert_close(step.grads[n], value, rtol=1e-12, atol=1e-14)
     assert step.update_grads == {}
+
+
+def readme_variant() -> type:
+    """The example inner update of README.md ("Writing a variant"), run as it is written."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = text.split("### Writing a variant", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(block, namespace)
+    return namespace["PerTensorRate"]
+
+
+@pytest.mark.parametrize("rule", ["graph", "recursion-reverse"])
+def test_the_readme_variant(rule):
+    inner = shuffled_rates(readme_variant()(), mlp(), 2)
+    assert {p.shape for p in inner.parameters()} == {torch.Size([])}
+    model, tasks, loss_fn, expected_p, expected_r = reference("mlp", inner, 2)
+    step = EXACT_RULES[rule](inner, 2, "inner").meta_gradient(model, loss_fn, tasks)
+    assert_matches(step, expected_p, expected_r, rtol=1e-9)
+    first = reference("mlp", inner, 2, order="first")
+    step = FOMAML(0.3, 2, inner_update=inner).meta_gradient(model, loss_fn, tasks)
+    assert_matches(step, first[3], first[4], rtol=1e-10)
 
 
 # -- the updates' own rules -------------------------------------------------------------------

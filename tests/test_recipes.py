@@ -106,6 +106,9 @@ def small_args(recipe: Path, roots: dict[str, Path]) -> list[str]:
         args += [*IMAGE_SMALL, f"--data.init_args.root={roots[datamodule]}"]
         if datamodule == "OmniglotDataModule":
             args += OMNIGLOT_SMALL
+        if recipe.stem.startswith("mamlpp"):
+            # Per-step parameters fix the number of steps: one, in training and evaluation.
+            args += ["--model.algorithm.init_args.inner_steps=1"]
     if recipe.stem.endswith("_ddp"):
         args += DDP_ON_CPU
     return args
@@ -127,6 +130,10 @@ def fit_and_test(recipe: Path, tmp_path: Path, roots: dict[str, Path], capsys) -
 
 def test_recipes_exist():
     assert {"maml.yaml", "fomaml.yaml", "hfmaml.yaml"} <= {r.name for r in RECIPES}
+    for benchmark in ("omniglot", "miniimagenet"):
+        for variant in ("anil", "metasgd", "mamlpp"):
+            for suffix in ("", "_ddp"):
+                assert (ROOT / benchmark / f"{variant}_5w1s{suffix}.yaml").is_file()
     for benchmark, shapes in {
         "omniglot": ["5w1s", "5w5s", "20w1s", "20w5s"],
         "miniimagenet": ["5w1s", "5w5s"],

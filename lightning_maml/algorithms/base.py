@@ -244,6 +244,11 @@ class MetaAlgorithm:
         hparams = {k: v for k, v in vars(self).items() if not k.startswith("_")}
         if not self.uses_hessian:
             del hparams["hessian_batch"]
+        update = type(self.inner_update)
+        hparams["inner_update"] = {
+            "class_path": f"{update.__module__}.{update.__qualname__}",
+            "init_args": self.inner_update.hparams(),
+        }
         return {"variant": type(self).__name__, **hparams}
 
     def __repr__(self) -> str:

@@ -19,9 +19,6 @@ from lightning_maml.inner import InnerUpdate, PerStepRates
 
 __all__ = ["MAMLPlusPlus"]
 
-#: The floor of a non-final step's weight in the multi-step loss, as a fraction of 1 / k.
-MIN_STEP_WEIGHT = 0.03
-
 
 class MAMLPlusPlus(MetaAlgorithm):
     """MAML++: MAML made stable and fast to train by five changes of Antoniou et al.
@@ -35,7 +32,8 @@ class MAMLPlusPlus(MetaAlgorithm):
       (BNWB): the default inner update, ``PerStepRates(batch_norm=True)``;
     - the multi-step loss (MSL): the query loss after every inner step, weighted; the weights
       start equal (``1/k``) and move linearly to the last step over ``multi_step_loss_steps``
-      meta-steps, the others keeping at least ``0.03 / k``; after that, the last step alone;
+      meta-steps, the others keeping at least ``min_step_weight / k``; after that, the last
+      step alone;
     - derivative-order annealing (DA): first-order meta-gradients (inner gradients treated as
       constants, the step sizes still learned) for the first ``first_order_steps`` meta-steps,
       second-order after;
@@ -51,6 +49,8 @@ class MAMLPlusPlus(MetaAlgorithm):
         multi_step_loss_steps: Meta-steps over which the multi-step loss anneals to the last
             step (0: the last step's loss only, from the start).
         first_order_steps: Meta-steps of first-order meta-gradients before second-order ones.
+        min_step_weight: The floor of a non-final step's multi-step loss weight, times ``k``
+            (0.03 in the paper's code, 0.01 in the authors' released configurations).
         hessian_batch: ``"inner"`` or ``"independent"`` (see :class:`~lightning_maml.MAML`).
         task_chunk_size: Tasks per vectorised call (see :class:`MetaAlgorithm`).
         track_loss_before: Also report the pre-adaptation query loss (see :class:`MetaAlgorithm`).
@@ -70,6 +70,7 @@ class MAMLPlusPlus(MetaAlgorithm):
         inner_steps: int = 5,
         multi_step_loss_steps: int = 0,
         first_order_steps: int = 0,
+        min_step_weight: float = 0.03,
         hessian_batch: HessianBatch = "inner",
         task_chunk_size: ChunkSize = "auto",
         track_loss_before: bool = False,
@@ -87,6 +88,9 @@ class MAMLPlusPlus(MetaAlgorithm):
         )
         self.multi_step_loss_steps = check_int("multi_step_loss_steps", multi_step_loss_steps, 0)
         self.first_order_steps = check_int("first_order_steps", first_order_steps, 0)
+        if isinstance(min_step_weight, bool) or not 0 <= min_step_weight <= 1:
+            raise ValueError(f"min_step_weight must be within [0, 1], got {min_step_weight!r}.")
+        self.min_step_weight = float(min_step_weight)
 
     def step_weights(self, step: int | None) -> Tensor | None:
         """The multi-step loss weights at meta-step ``step``; ``None`` once only the last counts."""
@@ -94,7 +98,7 @@ class MAMLPlusPlus(MetaAlgorithm):
         t = 0 if step is None else step
         if t >= self.multi_step_loss_steps or k == 1:
             return None
-        floor = MIN_STEP_WEIGHT / k
+        floor = self.min_step_weight / k
         early = max(1.0 / k - t / (k * self.multi_step_loss_steps), floor)
         return torch.tensor([early] * (k - 1) + [1.0 - early * (k - 1)])
 
