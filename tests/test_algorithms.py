@@ -237,8 +237,8 @@ def test_evaluate_adapts_longer():
 @pytest.mark.parametrize(
     ("make", "match"),
     [
-        (lambda: MAML(0.0), "inner_lr must be a positive number"),
-        (lambda: MAML(-0.1), "inner_lr must be a positive number"),
+        (lambda: MAML(0.0), "inner_lr must be a positive finite number"),
+        (lambda: MAML(-0.1), "inner_lr must be a positive finite number"),
         (lambda: FOMAML(0.1, inner_steps=0), "inner_steps must be an integer >= 1"),
         (
             lambda: MAML(0.1, hessian_batch="outer"),
