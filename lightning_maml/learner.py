@@ -17,8 +17,8 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, SumMetric
 
 from lightning_maml.algorithms.base import Evaluation, MetaAlgorithm, MetaStep
-from lightning_maml.functional import mse_loss
 from lightning_maml.checks import check_int
+from lightning_maml.functional import mse_loss
 from lightning_maml.metrics import MeanWithCI, task_accuracy
 from lightning_maml.tasks import TaskBatch
 
