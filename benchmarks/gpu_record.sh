@@ -5,9 +5,12 @@
 # Usage: bash benchmarks/gpu_record.sh speed|accuracy|all OUTPUT_DIR [OMNIGLOT_ROOT]
 #
 #   speed     benchmarks/speed.py on Omniglot 5w1s shapes (conv net, 15 queries, meta-batch 32),
-#             1 and 5 inner steps, fp32 with the clone-and-adapt loop as reference, then the
+#             1 and 5 inner steps, fp32 with the clone-and-adapt loop as reference (every
+#             variant, MAML by recursion and the forward-mode products included), then the
 #             Trainer loop with the recipes' GradNormMonitor, bf16, compile (1 inner step) and
-#             compile with bf16, each through the Trainer loop as well.
+#             compile with bf16, each through the Trainer loop as well, and the memory sweep:
+#             peak memory and time of MAML, MAML by recursion, HF-MAML and FO-MAML at 1, 5, 20
+#             and 50 inner steps.
 #   accuracy  Finn et al.'s setting (recipes/omniglot/*_5w1s.yaml: inner_lr 0.4, 1 step,
 #             meta-batch 32, Adam 1e-3, rotations, 10 steps at test) for STEPS meta-steps
 #             (default 1500) with QUERY_SHOTS query images per class (default 15), then the
@@ -45,11 +48,13 @@ if [[ ${SMOKE:-0} == 1 ]]; then
     steps=4
     bench=(--repeats 2 --warmup 1 --meta-batch-size 4)
     last=(--repeats 2)
+    sweep=(--inner-steps 1 2)
     fit_limits=(--trainer.val_check_interval 2 --data.init_args.num_val_tasks 8
         --data.init_args.num_test_tasks 8 --data.init_args.meta_batch_size 4)
 else
     bench=(--repeats 10 --warmup 2)
     last=()
+    sweep=()
     fit_limits=()
 fi
 accelerator=$([[ $device == cuda* ]] && echo gpu || echo cpu)
@@ -63,15 +68,16 @@ speed() {
     local name=$1
     shift
     "$python" benchmarks/speed.py --setup omniglot --device "$device" "${bench[@]}" --trainer \
-        --output "$out/speed_$name.json" "$@" "${last[@]}" 2>&1 | grep -v -E "[Ww]arning|Tip:|available: " | tee -a "$log"
+        --output "$out/speed_$name.json" "$@" "${last[@]}" 2>&1 | grep -v -E "[Ww]arning|Tip:|available: |USDT:|STAGE:" | tee -a "$log"
 }
 
 if [[ $part == speed || $part == all ]]; then
     speed fp32 --inner-steps 1 5
     speed monitor --inner-steps 1 --monitor --variants MAML FOMAML HFMAML --repeats 100
-    speed bf16 --inner-steps 1 5 --bf16 --variants MAML FOMAML HFMAML
-    speed compile --inner-steps 1 --compile --variants MAML FOMAML HFMAML
-    speed compile_bf16 --inner-steps 1 --compile --bf16 --variants MAML FOMAML HFMAML
+    speed bf16 --inner-steps 1 5 --bf16 --variants MAML MAML-recursion FOMAML HFMAML
+    speed compile --inner-steps 1 --compile --variants MAML MAML-recursion FOMAML HFMAML
+    speed compile_bf16 --inner-steps 1 --compile --bf16 --variants MAML MAML-recursion FOMAML HFMAML
+    speed memory --memory-sweep "${sweep[@]}"
 fi
 
 if [[ $part == accuracy || $part == all ]]; then

@@ -2,18 +2,22 @@
 
 The reference adapts task by task in a Python loop on a clone of the model whose parameters
 are graph tensors (what learn2learn's ``MAML.clone()`` / ``adapt()`` do), then backpropagates
-the summed query losses. Every row of one run is measured in the same process on the same
-machine, so the ratios are side by side.
+the summed query losses. All rows of one run are measured in one process and interleaved: each
+round times one step of every variant in turn, and a row reports the fastest of its rounds, so
+that a machine shared with other jobs slows the compared rows alike.
 
 Usage::
 
-    python benchmarks/speed.py --setup sinusoid            # CPU goal: >= 2.5x faster than the loop
-    python benchmarks/speed.py --setup omniglot --device cuda --inner-steps 1 5
-    python benchmarks/speed.py --setup sinusoid --trainer  # adds the Lightning Trainer loop
+    python benchmarks/speed.py --setup sinusoid            # the MLP rows against the loop
+    python benchmarks/speed.py --setup omniglot --meta-batch-size 4 --inner-steps 1 5
+    python benchmarks/speed.py --memory-sweep              # Omniglot conv net, 1/5/20/50 steps
+    python benchmarks/speed.py --setup sinusoid --recipe recipes/sinusoid/maml.yaml
+    python benchmarks/speed.py --setup sinusoid --trainer --monitor
     python benchmarks/speed.py --setup omniglot --compile --bf16 --variants MAML FOMAML HFMAML
 
-Peak memory is ``torch.cuda.max_memory_allocated`` on a GPU; on a CPU each case runs in a
-fresh subprocess and reports its peak resident-set growth (``ru_maxrss``), a coarser measure.
+Peak memory is what the allocator holds at its highest during one step beyond what was held
+before it (model, data): ``torch.cuda.max_memory_allocated`` on a GPU, and on a CPU the
+allocator's running total as the torch profiler's memory events report it.
 """
 
 from __future__ import annotations
@@ -22,23 +26,40 @@ import argparse
 import contextlib
 import functools
 import json
-import resource
+import os
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from lightning.pytorch import Callback
 from torch import nn
+from torch._C._profiler import _EventType
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_maml import FOMAML, HFMAML, MAML, MetaAlgorithm, TaskBatch
+from lightning_maml.functional import mse_loss
 from lightning_maml.models import MLP, ConvNet
 
-VARIANTS = ["MAML", "FOMAML", "HFMAML", "loop-MAML", "loop-FOMAML"]
+#: Variant name -> (class, extra arguments).
+ALGORITHMS: dict[str, tuple[type[MetaAlgorithm], dict]] = {
+    "MAML": (MAML, {}),
+    "MAML-recursion": (MAML, {"backward": "recursion"}),
+    "MAML-recursion-fwd": (MAML, {"backward": "recursion", "hvp": "forward"}),
+    "FOMAML": (FOMAML, {}),
+    "HFMAML": (HFMAML, {}),
+    "HFMAML-forward": (HFMAML, {"hvp": "forward"}),
+}
+VARIANTS = [*ALGORITHMS, "loop-MAML", "loop-FOMAML"]
+SWEEP_VARIANTS = ["MAML", "MAML-recursion", "MAML-recursion-fwd", "HFMAML", "FOMAML"]
+SWEEP_STEPS = [1, 5, 20, 50]
+#: Goals of the memory sweep: MAML by recursion against FO-MAML's peak and HF-MAML's time.
+MEMORY_GOAL, TIME_GOAL = 1.3, 1.2
 
 
 def make_setup(name: str, device: torch.device, meta_batch_size: int | None):
@@ -49,7 +70,7 @@ def make_setup(name: str, device: torch.device, meta_batch_size: int | None):
         x = torch.rand(tasks, 20, 1, generator=g) * 10 - 5
         y = torch.sin(x)
         batch = TaskBatch(x[:, :10], y[:, :10], x[:, 10:], y[:, 10:])
-        return MLP(), nn.functional.mse_loss, batch.to(device), 0.01
+        return MLP(), mse_loss, batch.to(device), 0.01
     if name == "omniglot":
         tasks, ways, queries = meta_batch_size or 32, 5, 15
         x = torch.rand(tasks, ways * (1 + queries), 1, 28, 28, generator=g)
@@ -92,9 +113,8 @@ def loop_step(
 
 def make_algorithm(variant: str, inner_lr: float, steps: int, args) -> MetaAlgorithm:
     chunk = "auto" if args.chunk is None else (None if args.chunk == 0 else args.chunk)
-    return {"MAML": MAML, "FOMAML": FOMAML, "HFMAML": HFMAML}[variant](
-        inner_lr, inner_steps=steps, task_chunk_size=chunk, compile=args.compile
-    )
+    cls, extra = ALGORITHMS[variant]
+    return cls(inner_lr, inner_steps=steps, task_chunk_size=chunk, compile=args.compile, **extra)
 
 
 def autocast(args) -> contextlib.AbstractContextManager:
@@ -122,38 +142,109 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+def peak_memory_mib(step: Callable[[], None], device: torch.device) -> float:
+    """The allocator's peak during one call of ``step``, beyond what was held before it."""
+    if device.type == "cuda":
+        sync(device)
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        sync(device)
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    # The profiler's CPU allocation events carry the allocator's running total of what was
+    # allocated since profiling began (frees of older tensors are not counted).
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
+        step()
+    peak, stack = 0, list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            peak = max(peak, node.extra_fields.total_allocated)
+        stack.extend(node.children)
+    return peak / 2**20
 
 
-def measure(args, variant: str, steps: int) -> dict:
+def measure_block(args, variants: list[str], steps: int) -> list[dict]:
+    """Times every variant at ``steps`` inner steps in interleaved rounds; peak memory of each."""
     device = torch.device(args.device)
     model, loss_fn, batch, inner_lr = make_setup(args.setup, device, args.meta_batch_size)
     model = model.to(device)
-    step = step_fn(variant, model, loss_fn, batch, inner_lr, steps, args)
-    rss_before = rss_bytes()
-    for _ in range(args.warmup):
-        step()
-    sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
+    runs = {v: step_fn(v, model, loss_fn, batch, inner_lr, steps, args) for v in variants}
+    for run in runs.values():
+        for _ in range(args.warmup):
+            run()
+    times: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(args.repeats):
-        start = time.perf_counter()
-        step()
-        sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before) / 2**20
-    return {
-        "variant": variant,
-        "inner_steps": steps,
-        "ms": statistics.median(times),
-        "peak_mib": peak,
-    }
+        for variant, run in runs.items():
+            sync(device)
+            start = time.perf_counter()
+            run()
+            sync(device)
+            times[variant].append((time.perf_counter() - start) * 1e3)
+    return [
+        {
+            "variant": v,
+            "inner_steps": steps,
+            "ms": min(times[v]),
+            "median_ms": statistics.median(times[v]),
+            "peak_mib": peak_memory_mib(runs[v], device),
+        }
+        for v in variants
+    ]
+
+
+def print_block(rows: list[dict]) -> None:
+    loops = {r["variant"][5:]: r["ms"] for r in rows if r["variant"].startswith("loop-")}
+    for row in rows:
+        base = loops.get("FOMAML" if row["variant"] == "FOMAML" else "MAML")
+        row["speedup_vs_loop"] = (
+            base / row["ms"] if base and not row["variant"].startswith("loop") else None
+        )
+        ratio = f"{row['speedup_vs_loop']:.2f}x" if row["speedup_vs_loop"] else ""
+        print(
+            f"{row['variant']:<20}{row['inner_steps']:>6}{row['ms']:>10.1f}{row['median_ms']:>10.1f}"
+            f"{row['peak_mib']:>10.1f}{ratio:>9}"
+        )
+
+
+def memory_sweep(args) -> list[dict]:
+    """Peak memory and time of each variant over inner steps, and the goals of MAML by recursion."""
+    rows, verdicts = [], []
+    print(f"{'variant':<20}{'steps':>6}{'min ms':>10}{'med ms':>10}{'peak MiB':>10}")
+    for steps in args.inner_steps:
+        block = measure_block(args, args.variants, steps)
+        print_block(block)
+        rows += block
+        by = {r["variant"]: r for r in block}
+        if {"MAML-recursion", "FOMAML", "HFMAML"} <= by.keys():
+            memory = by["MAML-recursion"]["peak_mib"] / by["FOMAML"]["peak_mib"]
+            speed = by["MAML-recursion"]["ms"] / by["HFMAML"]["ms"]
+            verdicts.append((steps, memory, speed))
+    if verdicts:
+        print(
+            f"\nMAML by recursion against its goals ({MEMORY_GOAL}x FO-MAML's peak memory, "
+            f"{TIME_GOAL}x HF-MAML's time per step):"
+        )
+        for steps, memory, speed in verdicts:
+            print(
+                f"  {steps:>3} inner steps: memory {memory:.2f}x FO-MAML "
+                f"({'met' if memory <= MEMORY_GOAL else 'not met'}), time {speed:.2f}x HF-MAML "
+                f"({'met' if speed <= TIME_GOAL else 'not met'})"
+            )
+    return rows
+
+
+class Stamps(Callback):
+    """Notes the time at the end of every training step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.times = device, []
+
+    def on_train_batch_end(self, *args, **kwargs) -> None:
+        sync(self.device)
+        self.times.append(time.perf_counter())
 
 
 def measure_trainer(args, variant: str, steps: int) -> dict:
@@ -190,18 +281,13 @@ def measure_trainer(args, variant: str, steps: int) -> dict:
         enable_model_summary=False,
         limit_val_batches=0,
     )
-    stamps = []
-
-    class Stamp(L.Callback):
-        def on_train_batch_end(self, *a, **k):
-            sync(device)
-            stamps.append(time.perf_counter())
-
-    trainer.callbacks.append(Stamp())
+    stamps = Stamps(device)
+    trainer.callbacks.append(stamps)
     if args.monitor:
         # As the recipes have it; it logs on the Trainer's logging steps (every 50 here).
         trainer.callbacks.append(GradNormMonitor(group_by="layer"))
     trainer.fit(learner, datamodule=Fixed(meta_batch_size=batch.num_tasks))
+    stamps = stamps.times
     loop_ms = (stamps[-1] - stamps[args.warmup - 1]) / args.repeats * 1e3
 
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -220,30 +306,93 @@ def measure_trainer(args, variant: str, steps: int) -> dict:
     return {"variant": variant, "inner_steps": steps, "trainer_ms": loop_ms, "direct_ms": direct_ms}
 
 
-def run_isolated(args, variant: str, steps: int) -> dict:
-    """Runs one case in a fresh interpreter so that its peak RSS is its own."""
-    cmd = [sys.executable, __file__, "--one", variant, "--one-steps", str(steps)]
-    for key in ("setup", "device", "repeats", "warmup", "meta_batch_size", "chunk", "threads"):
-        value = getattr(args, key)
-        if value is not None:
-            cmd += [f"--{key.replace('_', '-')}", str(value)]
-    cmd += ["--bf16"] if args.bf16 else []
-    cmd += [] if args.compile is False else ["--compile", str(args.compile)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+def measure_recipe(args, recipe: Path) -> dict:
+    """A recipe's training loop as shipped (logger, callbacks, progress bar, data) vs its bare step.
+
+    The recipe runs through the ``lightning-maml`` CLI's own class for ``--recipe-steps``
+    meta-steps (W&B offline, into a temporary folder), timed from the end of the first step to
+    the end of the last, so that set-up is excluded and the loggers' periodic writes are
+    included. The bare step is the recipe's algorithm on one of its own batches. Both are means
+    over their steps; the two are interleaved ``--recipe-rounds`` times and each reports its
+    fastest round.
+    """
+    from lightning_maml.cli import MetaCLI
+
+    # This script's own command line is not meant for the CLI; it is given its arguments.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    loop, bare = [], []
+    for _ in range(args.recipe_rounds):
+        with tempfile.TemporaryDirectory() as folder:
+            cli = MetaCLI(
+                args=[
+                    "--config",
+                    str(recipe),
+                    "--trainer.max_steps",
+                    str(args.recipe_steps),
+                    "--trainer.default_root_dir",
+                    folder,
+                    "--trainer.logger.init_args.save_dir",
+                    folder,
+                    "--trainer.accelerator",
+                    torch.device(args.device).type,
+                ],
+                run=False,
+            )
+            stamps = Stamps(torch.device(args.device))
+            cli.trainer.callbacks.append(stamps)
+            # The progress bar draws as it would in a terminal, into a file.
+            with (
+                open(Path(folder) / "output.txt", "w") as output,
+                contextlib.redirect_stdout(output),
+                contextlib.redirect_stderr(output),
+            ):
+                cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+            stamps = stamps.times
+            loop.append((stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1e3)
+            for logger in cli.trainer.loggers:
+                if hasattr(logger, "experiment") and hasattr(logger.experiment, "finish"):
+                    logger.experiment.finish()
+
+            learner, data = cli.model, cli.datamodule
+            batch = next(iter(data.train_dataloader())).to(learner.device)
+            for _ in range(args.warmup):
+                learner.algorithm.meta_gradient(learner.model, learner.loss_fn, batch)
+            start, n = time.perf_counter(), args.recipe_steps // 4
+            for _ in range(n):
+                learner.algorithm.meta_gradient(learner.model, learner.loss_fn, batch)
+            sync(torch.device(args.device))
+            bare.append((time.perf_counter() - start) / n * 1e3)
+    return {"recipe": str(recipe), "loop_ms": min(loop), "bare_ms": min(bare)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--setup", default="sinusoid", choices=["sinusoid", "omniglot"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--inner-steps", type=int, nargs="+", default=[1])
-    parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    parser.add_argument("--inner-steps", type=int, nargs="+", default=None)
+    parser.add_argument("--variants", nargs="+", default=None, choices=VARIANTS)
     parser.add_argument("--meta-batch-size", type=int, default=None)
     parser.add_argument("--chunk", type=int, default=None, help="task_chunk_size; 0 = all tasks")
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=20, help="timed rounds")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument(
+        "--memory-sweep",
+        action="store_true",
+        help=f"Omniglot conv net over inner steps {SWEEP_STEPS}: {', '.join(SWEEP_VARIANTS)}",
+    )
     parser.add_argument("--trainer", action="store_true", help="also time the Lightning loop")
+    parser.add_argument(
+        "--monitor",
+        action="store_true",
+        help="the Trainer loop with GradNormMonitor, as in recipes",
+    )
+    parser.add_argument(
+        "--recipe", type=Path, default=None, help="time this recipe's loop as shipped"
+    )
+    parser.add_argument("--recipe-steps", type=int, default=400)
+    parser.add_argument("--recipe-rounds", type=int, default=3)
     parser.add_argument(
         "--compile",
         nargs="?",
@@ -253,53 +402,52 @@ def main() -> None:
         help="torch.compile each variant (optionally the mode max-autotune-no-cudagraphs)",
     )
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (bf16-mixed)")
-    parser.add_argument(
-        "--monitor",
-        action="store_true",
-        help="the Trainer loop with GradNormMonitor, as in recipes",
-    )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--output", type=Path, default=None, help="write the rows as JSON")
-    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--one-steps", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.memory_sweep:
+        args.setup = "omniglot"
+        args.variants = args.variants or SWEEP_VARIANTS
+        args.inner_steps = args.inner_steps or SWEEP_STEPS
+        if args.meta_batch_size is None and args.device == "cpu":
+            args.meta_batch_size = 4
+    args.variants = args.variants or VARIANTS
+    args.inner_steps = args.inner_steps or [1]
 
-    if args.one:
-        print(json.dumps(measure(args, args.one, args.one_steps)))
-        return
-    isolate = args.device == "cpu"
-    rows = []
     print(
         f"setup={args.setup} device={args.device} torch={torch.__version__} "
-        f"threads={torch.get_num_threads()} bf16={args.bf16} compile={args.compile}"
+        f"threads={torch.get_num_threads()} meta_batch={args.meta_batch_size or 'default'} "
+        f"bf16={args.bf16} compile={args.compile} rounds={args.repeats}"
     )
-    print(f"{'variant':<12}{'steps':>6}{'ms/step':>10}{'peak MiB':>10}{'vs loop':>9}")
-    for steps in args.inner_steps:
-        block = []
-        for variant in args.variants:
-            row = run_isolated(args, variant, steps) if isolate else measure(args, variant, steps)
-            block.append(row)
-        loops = {r["variant"][5:]: r["ms"] for r in block if r["variant"].startswith("loop-")}
-        for row in block:
-            base = loops.get("FOMAML" if row["variant"] == "FOMAML" else "MAML")
-            row["speedup_vs_loop"] = (
-                base / row["ms"] if base and not row["variant"].startswith("loop") else None
-            )
-            ratio = f"{row['speedup_vs_loop']:.1f}x" if row["speedup_vs_loop"] else ""
-            print(
-                f"{row['variant']:<12}{steps:>6}{row['ms']:>10.1f}{row['peak_mib']:>10.1f}{ratio:>9}"
-            )
-        rows += block
-        if args.trainer:
-            for variant in [v for v in args.variants if not v.startswith("loop")]:
-                t = measure_trainer(args, variant, steps)
-                overhead = t["trainer_ms"] / t["direct_ms"] - 1
-                print(
-                    f"  Trainer loop {variant}: {t['trainer_ms']:.1f} ms vs direct {t['direct_ms']:.1f} ms ({overhead:+.0%})"
-                )
-                rows.append(t)
+    rows = []
+    if args.recipe:
+        r = measure_recipe(args, args.recipe)
+        print(
+            f"{r['recipe']}: {r['loop_ms']:.2f} ms per meta-step in the loop as shipped, "
+            f"{r['bare_ms']:.2f} ms for the bare algorithm step: {r['loop_ms'] / r['bare_ms']:.2f}x"
+        )
+        rows.append(r)
+    elif args.memory_sweep:
+        rows = memory_sweep(args)
+    else:
+        print(
+            f"{'variant':<20}{'steps':>6}{'min ms':>10}{'med ms':>10}{'peak MiB':>10}{'vs loop':>9}"
+        )
+        for steps in args.inner_steps:
+            block = measure_block(args, args.variants, steps)
+            print_block(block)
+            rows += block
+            if args.trainer:
+                for variant in [v for v in args.variants if not v.startswith("loop")]:
+                    t = measure_trainer(args, variant, steps)
+                    overhead = t["trainer_ms"] / t["direct_ms"] - 1
+                    print(
+                        f"  Trainer loop {variant}: {t['trainer_ms']:.1f} ms vs direct "
+                        f"{t['direct_ms']:.1f} ms ({overhead:+.0%})"
+                    )
+                    rows.append(t)
     if args.output:
         args.output.write_text(json.dumps(rows, indent=2))
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import os
 import shutil
 import sys
@@ -160,11 +161,15 @@ def _md5(path: Path) -> str:
 
 
 def _reason(err: BaseException) -> str:
-    """The innermost OS-level reason of a requests error ("Connection refused"), else its type."""
+    """Why a transfer failed, in words ("Connection refused"), from a requests or urllib3 error."""
+    if isinstance(err, (requests.Timeout, urllib3.exceptions.TimeoutError)):
+        return f"no answer for {TIMEOUT} s"
     cause: BaseException | None = err
     while cause is not None:
         if isinstance(cause, OSError) and cause.strerror:
             return cause.strerror
+        if isinstance(cause, http.client.IncompleteRead):
+            return "closed before the end of the file"
         err, cause = cause, cause.__cause__ or cause.__context__
     return type(err).__name__
 
@@ -250,7 +255,7 @@ def _get(url: str, part: Path) -> bool:
                     f.write(chunk)
                     bar.update(len(chunk))
             if total is not None and part.stat().st_size < total:
-                raise _dropped(url, part, total, "the body ended early")
+                raise _dropped(url, part, total, "closed before the end of the file")
             return resumed
     except (requests.RequestException, urllib3.exceptions.HTTPError) as err:
         if response is None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, grad_and_value, jvp, vmap
+from torch.func import functional_call, grad, grad_and_value, jvp, vjp, vmap
 from torch.utils._pytree import tree_map
 
 __all__ = [
@@ -243,19 +243,35 @@ def finite_difference_hvp(
 def reverse_hvp(task: TaskModel, params: Params, vector: Params, x: Tensor, y: Tensor) -> Params:
     """The exact Hessian-vector product ``hess f(w) v`` by a double backward.
 
-    The gradient of ``<grad f(w), v>``: exact up to rounding, at a small constant multiple of a
-    gradient's cost, and the graph of this one product is freed when it returns (B. A.
-    Pearlmutter, Fast Exact Multiplication by the Hessian, Neural Computation 1994). Evaluated
-    in the parameters' precision even under mixed-precision autocast, like
-    :func:`finite_difference_hvp`.
+    The vector-Jacobian product of the gradient with ``v`` (the Hessian is symmetric): exact up
+    to rounding, at a small constant multiple of a gradient's cost, and the graph of this one
+    product is freed when it returns (B. A. Pearlmutter, Fast Exact Multiplication by the
+    Hessian, Neural Computation 1994). Evaluated in the parameters' precision even under
+    mixed-precision autocast, like :func:`finite_difference_hvp`.
     """
-
-    def directional(p: Params) -> Tensor:
-        grads, _ = gradient_and_value(task.loss, p, x, y)
-        return sum((grads[n] * vector[n]).sum() for n in grads)
-
     with torch.autocast(x.device.type, enabled=False):
-        return gradient_and_value(directional, params)[0]
+        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+            _, pullback = vjp(lambda p: grad(task.loss)(p, x, y), params)
+            return pullback(vector)[0]
+        # Outside torch.func (a per-task loop), torch.autograd, as in gradient_and_value.
+        with torch.enable_grad():
+            leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
+            grads = torch.autograd.grad(
+                task.loss(leaves, x, y), list(leaves.values()), create_graph=True, allow_unused=True
+            )
+            # A gradient that does not depend on the parameters has a zero Hessian.
+            pairs = [(g, vector[n]) for n, g in zip(leaves, grads, strict=True) if g is not None]
+            pairs = [(g, v) for g, v in pairs if g.requires_grad]
+            if not pairs:
+                return {n: torch.zeros_like(p) for n, p in params.items()}
+            products = torch.autograd.grad(
+                [g for g, _ in pairs],
+                list(leaves.values()),
+                grad_outputs=[v for _, v in pairs],
+                allow_unused=True,
+                materialize_grads=True,
+            )
+        return dict(zip(leaves, products, strict=True))
 
 
 def forward_hvp(task: TaskModel, params: Params, vector: Params, x: Tensor, y: Tensor) -> Params:

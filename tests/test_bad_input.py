@@ -177,7 +177,7 @@ def test_cli_hfmaml_delta_on_a_recipe_that_sets_delta_scale(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def sinusoid_checkpoint(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sinusoid")
-    main(
+    done = main(
         [
             "fit",
             "--config",
@@ -189,6 +189,7 @@ def sinusoid_checkpoint(tmp_path_factory) -> Path:
             "--data.init_args.num_val_tasks=4",
         ]
     )
+    assert done is None, "the command failed; its error is printed above"
     (last,) = root.rglob("last.ckpt")
     return last
 

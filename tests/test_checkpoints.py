@@ -42,7 +42,7 @@ def step_of(path: Path) -> int:
 
 def fit(tmp_path: Path, *args: str, recipe: str = SINUSOID) -> Path:
     """Runs ``lightning-maml fit`` on the recipe; returns the run's checkpoint folder."""
-    main(
+    done = main(
         [
             "fit",
             "--config",
@@ -52,6 +52,7 @@ def fit(tmp_path: Path, *args: str, recipe: str = SINUSOID) -> Path:
             *args,
         ]
     )
+    assert done is None, "the command failed; its error is printed above"
     (folder,) = {p.parent for p in tmp_path.rglob("*.ckpt")}
     return folder
 
@@ -63,7 +64,7 @@ def cli_test(tmp_path: Path, capsys, *args: str) -> float:
     """
     save_dir = tmp_path / f"test-{len(list(tmp_path.glob('test-*')))}"
     capsys.readouterr()
-    main(
+    done = main(
         [
             "test",
             "--config",
@@ -73,6 +74,7 @@ def cli_test(tmp_path: Path, capsys, *args: str) -> float:
             *args,
         ]
     )
+    assert done is None, "the command failed; its error is printed above"
     assert TEST_LOSS.search(capsys.readouterr().out)
     (metrics,) = save_dir.rglob("metrics.csv")
     (row,) = [r for r in csv.DictReader(metrics.open()) if r.get("test/loss")]

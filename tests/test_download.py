@@ -337,13 +337,26 @@ def test_a_dropped_connection_keeps_the_part_and_the_next_run_resumes(server, tm
     half = len(BLOB) // 2
     with pytest.raises(
         DownloadError,
-        match=rf"dropped .*; {half:,} of {len(BLOB):,} bytes are kept in .*blob\.bin\.part: run again to resume",
+        match=rf"dropped \(closed before the end of the file\); {half:,} of {len(BLOB):,} bytes "
+        r"are kept in .*blob\.bin\.part: run again to resume",
     ):
         download("blob", tmp_path, server.url, datasets=datasets)
     assert files(tmp_path) == {"blob.bin.part"}
     download("blob", tmp_path, server.url, datasets=datasets)
     assert server.gets("/blob/blob.bin") == [None, f"bytes={half}-"]
     assert files(tmp_path) == {"blob.bin"} and (tmp_path / "blob.bin").read_bytes() == BLOB
+
+
+def test_a_stalled_server_times_out_and_the_next_run_resumes(server, tmp_path, monkeypatch):
+    monkeypatch.setattr("datamodules.download.TIMEOUT", 0.5)
+    server.faults["/blob/blob.bin"] = ["stall"]
+    half = len(BLOB) // 2
+    with pytest.raises(DownloadError, match=rf"dropped \(no answer for 0\.5 s\); {half:,} of"):
+        download("blob", tmp_path, server.url, datasets=registry(server))
+    server.release.set()
+    download("blob", tmp_path, server.url, datasets=registry(server))
+    assert server.gets("/blob/blob.bin") == [None, f"bytes={half}-"]
+    assert (tmp_path / "blob.bin").read_bytes() == BLOB
 
 
 def test_a_server_without_ranges_restarts_the_download(server, tmp_path):

@@ -116,14 +116,14 @@ def small_args(recipe: Path, roots: dict[str, Path]) -> list[str]:
 
 def fit_and_test(recipe: Path, tmp_path: Path, roots: dict[str, Path], capsys) -> None:
     args = [*small_args(recipe, roots), f"--trainer.logger.init_args.save_dir={tmp_path}"]
-    main(["fit", "--config", str(recipe), *args])
+    assert main(["fit", "--config", str(recipe), *args]) is None, "fit failed"
     assert list(tmp_path.rglob("offline-run-*")), "the W&B run is written offline"
     checkpoints = sorted(tmp_path.rglob("last.ckpt"))
     if "ModelCheckpoint" in recipe.read_text():
         assert len(checkpoints) == 1
     ckpt = [f"--ckpt_path={checkpoints[0]}"] if checkpoints else []
     capsys.readouterr()
-    main(["test", "--config", str(recipe), *args, *ckpt])
+    assert main(["test", "--config", str(recipe), *args, *ckpt]) is None, "test failed"
     printed = capsys.readouterr().out
     assert TEST_LINE.search(printed), f"no test result line in:\n{printed}"
 

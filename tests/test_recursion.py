@@ -293,3 +293,17 @@ def test_options_round_trip_through_hparams():
         hparams = algorithm.hparams()
         rebuilt = type(algorithm)(**{k: v for k, v in hparams.items() if k != "variant"})
         assert rebuilt.hparams() == hparams
+
+
+@pytest.mark.parametrize("hvp", list(EXACT_HVPS))
+def test_exact_hvp_where_the_gradient_is_constant(hvp):
+    # The mean output of a linear model: its gradient does not depend on the parameters, so
+    # the Hessian is zero (the double backward has no graph to differentiate).
+    model = nn.Linear(3, 2).double()
+    task = TaskModel(model, lambda prediction, target: prediction.mean())
+    x = torch.randn(5, 3, dtype=torch.float64)
+    params = task.params()
+    vector = {n: torch.randn_like(p) for n, p in params.items()}
+    product = EXACT_HVPS[hvp](task, params, vector, x, torch.zeros(5))
+    for name, p in params.items():
+        torch.testing.assert_close(product[name], torch.zeros_like(p), rtol=0, atol=0)

@@ -156,8 +156,11 @@ def test_cli_run_config_and_tags_carry_the_variant(tmp_path, monkeypatch, caplog
     # Absolute: W&B's service process, started by an earlier test in another directory, would
     # write the run's .wandb file under its own working directory.
     save_dir = f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}"
+    # Lightning's logger reaches the root logger (caplog) only if the root logger had handlers
+    # when Lightning was first imported; otherwise it writes to the stderr of that moment.
+    monkeypatch.setattr(logging.getLogger("lightning.pytorch"), "propagate", True)
     with caplog.at_level(logging.INFO):
-        main(["fit", "--config", RECIPE, *TINY, save_dir])
+        assert main(["fit", "--config", RECIPE, *TINY, save_dir]) is None
     assert "no W&B API key found" in caplog.text
     assert f"wandb sync {tmp_path / 'runs' / 'wandb' / 'offline-run-'}" in caplog.text
 
