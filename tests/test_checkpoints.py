@@ -144,6 +144,37 @@ def test_last_checkpoint_follows_every_validation_when_the_metric_stops_improvin
     assert final == 25
 
 
+def test_step_checkpoints_save_the_meta_updated_weights_without_a_warning(tmp_path):
+    def fit(checkpoint_class) -> tuple[list[str], Path]:
+        folder = tmp_path / checkpoint_class.__module__
+        checkpoint = checkpoint_class(
+            dirpath=folder, every_n_train_steps=2, save_top_k=-1, filename="{step}"
+        )
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_steps=4,
+            limit_val_batches=0,
+            logger=False,
+            callbacks=[checkpoint],
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        learner = MetaLearner(MLP(hidden=8), MAML(0.01))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(learner, datamodule=SinusoidDataModule(meta_batch_size=2, num_val_tasks=2))
+        said = [str(w.message) for w in caught if "pre-optimization state" in str(w.message)]
+        saved = torch.load(folder / "step=4.ckpt", weights_only=False)["state_dict"]
+        assert all(torch.equal(saved[k], v) for k, v in learner.state_dict().items())
+        return said, folder
+
+    said, _ = fit(LightningModelCheckpoint)
+    assert said, "Lightning's callback warns at each save (the check below would pass vacuously)"
+    said, folder = fit(ModelCheckpoint)
+    assert not said
+    assert sorted(p.name for p in folder.iterdir()) == ["step=2.ckpt", "step=4.ckpt"]
+
+
 def evaluate_in_python(ckpt: Path, steps: int, inner_lr: float) -> float:
     """The reference: the checkpoint adapted in Python on the CLI run's test tasks."""
     learner = MetaLearner.load_from_checkpoint(ckpt)

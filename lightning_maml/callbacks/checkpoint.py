@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+from typing import Any
 from weakref import proxy
 
 import lightning.pytorch as pl
@@ -65,6 +67,25 @@ class ModelCheckpoint(LightningModelCheckpoint):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(proxy(self))
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        # With manual optimization and every_n_train_steps, Lightning warns at every save that
+        # the checkpoint holds the weights after the optimizer step. For a meta-learner those are
+        # the weights to save: global_step counts the meta-updates they include, and a fit
+        # resumed from them continues exactly as the uninterrupted one (tests/test_faults.py).
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message="Using ModelCheckpoint with manual optimization"
+            )
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def _refresh_last(self, trainer: pl.Trainer) -> None:
         if (
