@@ -14,6 +14,7 @@ Usage::
     python benchmarks/speed.py --setup sinusoid --recipe recipes/sinusoid/maml.yaml
     python benchmarks/speed.py --setup sinusoid --trainer --monitor
     python benchmarks/speed.py --setup omniglot --compile --bf16 --variants MAML FOMAML HFMAML
+    python benchmarks/speed.py --setup omniglot --variants family loop-MAML --inner-steps 1 5
 
 Peak memory is what the allocator holds at its highest during one step beyond what was held
 before it (model, data): ``torch.cuda.max_memory_allocated`` on a GPU, and on a CPU the
@@ -43,10 +44,13 @@ from torch._C._profiler import _EventType
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_maml import FOMAML, HFMAML, MAML, MetaAlgorithm, TaskBatch
+from lightning_maml.algorithms import MAMLPlusPlus, Reptile
 from lightning_maml.functional import mse_loss
+from lightning_maml.inner import ANIL, BOIL, MetaSGD, PerStepRates
 from lightning_maml.models import MLP, ConvNet
 
-#: Variant name -> (class, extra arguments).
+#: Variant name -> (class, extra arguments). Inner updates are factories: an update is bound to
+#: one model, and each row gets its own.
 ALGORITHMS: dict[str, tuple[type[MetaAlgorithm], dict]] = {
     "MAML": (MAML, {}),
     "MAML-recursion": (MAML, {"backward": "recursion"}),
@@ -54,7 +58,15 @@ ALGORITHMS: dict[str, tuple[type[MetaAlgorithm], dict]] = {
     "FOMAML": (FOMAML, {}),
     "HFMAML": (HFMAML, {}),
     "HFMAML-forward": (HFMAML, {"hvp": "forward"}),
+    "ANIL": (MAML, {"inner_update": ANIL}),
+    "BOIL": (MAML, {"inner_update": BOIL}),
+    "MetaSGD": (MAML, {"inner_update": MetaSGD}),
+    "PerStepRates": (MAML, {"inner_update": PerStepRates}),
+    "MAML++": (MAMLPlusPlus, {}),
+    "Reptile": (Reptile, {}),
 }
+#: The family's rows, run by ``--variants family``.
+FAMILY = ["MAML", "FOMAML", "ANIL", "BOIL", "MetaSGD", "PerStepRates", "MAML++", "Reptile"]
 VARIANTS = [*ALGORITHMS, "loop-MAML", "loop-FOMAML"]
 SWEEP_VARIANTS = ["MAML", "MAML-recursion", "MAML-recursion-fwd", "HFMAML", "FOMAML"]
 SWEEP_STEPS = [1, 5, 20, 50]
@@ -114,6 +126,7 @@ def loop_step(
 def make_algorithm(variant: str, inner_lr: float, steps: int, args) -> MetaAlgorithm:
     chunk = "auto" if args.chunk is None else (None if args.chunk == 0 else args.chunk)
     cls, extra = ALGORITHMS[variant]
+    extra = {k: v() if k == "inner_update" else v for k, v in extra.items()}
     return cls(inner_lr, inner_steps=steps, task_chunk_size=chunk, compile=args.compile, **extra)
 
 
@@ -128,6 +141,12 @@ def step_fn(variant: str, model, loss_fn, batch, inner_lr, steps, args) -> Calla
         step = functools.partial(loop_step, model, loss_fn, batch, inner_lr, steps, first_order)
     else:
         algorithm = make_algorithm(variant, inner_lr, steps, args)
+        if variant == "MAML++" and not any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
+        ):
+            # The MLP has no BatchNorm for MAML++'s per-step BatchNorm weights.
+            algorithm.inner_update = PerStepRates(batch_norm=False)
+        algorithm.bind(model)
         step = functools.partial(algorithm.meta_gradient, model, loss_fn, batch)
 
     def run() -> None:
@@ -372,7 +391,13 @@ def main() -> None:
     parser.add_argument("--setup", default="sinusoid", choices=["sinusoid", "omniglot"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--inner-steps", type=int, nargs="+", default=None)
-    parser.add_argument("--variants", nargs="+", default=None, choices=VARIANTS)
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        choices=[*VARIANTS, "family"],
+        help="rows to measure; 'family' for the MAML family's (FAMILY)",
+    )
     parser.add_argument("--meta-batch-size", type=int, default=None)
     parser.add_argument("--chunk", type=int, default=None, help="task_chunk_size; 0 = all tasks")
     parser.add_argument("--repeats", type=int, default=20, help="timed rounds")
@@ -413,6 +438,8 @@ def main() -> None:
         args.inner_steps = args.inner_steps or SWEEP_STEPS
         if args.meta_batch_size is None and args.device == "cpu":
             args.meta_batch_size = 4
+    if args.variants and "family" in args.variants:
+        args.variants = [*FAMILY, *(v for v in args.variants if v not in [*FAMILY, "family"])]
     args.variants = args.variants or VARIANTS
     args.inner_steps = args.inner_steps or [1]
 
