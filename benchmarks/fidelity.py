@@ -222,7 +222,8 @@ def kink_fractions(
     total = {"relu": 0, "pool": 0}
     for t in range(tasks.num_tasks):
         data = {name: tensor[t] for name, tensor in tasks.named_tensors().items()}
-        adapted, _ = task.adapt(params, data["support_x"], data["support_y"], algorithm.inner_lr, 1)
+        one_step = [dict.fromkeys(params, algorithm.inner_lr)]
+        adapted, _ = task.adapt(params, data["support_x"], data["support_y"], one_step)
         direction = grad(task.loss)(adapted, data["query_x"], data["query_y"])
         delta = algorithm.step_size(tree_norm(direction))
         with torch.no_grad(), _kink_recorder(model) as record:
