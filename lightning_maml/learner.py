@@ -329,6 +329,7 @@ class MetaLearner(LightningModule):
                 "be used with this one: test or resume it with the recipe it was trained with, "
                 "or set the model's settings to match."
             )
+        self._check_weights_fit(checkpoint.get("state_dict"), source)
         datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
         saved_data = checkpoint.get("datamodule_hyper_parameters")
         if datamodule is not None and saved_data:
@@ -350,6 +351,29 @@ class MetaLearner(LightningModule):
             + "\n".join(lines),
             category=UserWarning,
         )
+
+    def _check_weights_fit(self, saved: dict[str, Any] | None, source: str) -> None:
+        # The settings cannot tell a model built in Python (not saved with them) from another:
+        # the weights' names and shapes can, before Lightning's "size mismatch" dump.
+        if saved is None:
+            return
+        own = self.state_dict()
+        problems = [
+            f"{k}: {tuple(v.shape)} in it, {tuple(own[k].shape)} here"
+            for k, v in saved.items()
+            if k in own and isinstance(v, Tensor) and v.shape != own[k].shape
+        ]
+        if self.strict_loading:
+            problems += [f"{k}: missing in it" for k in own if k not in saved]
+            problems += [f"{k}: not in this model" for k in saved if k not in own]
+        if problems:
+            shown = "; ".join(problems[:3]) + (
+                f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+            )
+            raise ValueError(
+                f"{source} holds weights of a different model ({shown}). Test or resume it "
+                "with the model it was trained with."
+            )
 
     def configure_optimizers(self) -> Any:
         optimizer = self.meta_optimizer(self.meta_parameters())

@@ -222,3 +222,30 @@ def test_one_and_ten_test_time_steps_differ(sinusoid_run, tmp_path, capsys):
     one = cli_test(tmp_path, capsys, ckpt, "--model.eval_inner_steps=1")
     ten = cli_test(tmp_path, capsys, ckpt, "--model.eval_inner_steps=10")
     assert one != ten
+
+
+def test_a_checkpoint_of_another_model_built_in_python_is_refused_by_name(tmp_path):
+    # Built in Python, the model is not among the saved settings: its weights must tell.
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        limit_val_batches=0,
+        logger=False,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(
+        MetaLearner(MLP(hidden=8), MAML(0.01)), datamodule=SinusoidDataModule(meta_batch_size=2)
+    )
+    (ckpt,) = tmp_path.rglob("*.ckpt")
+    other = MetaLearner(MLP(hidden=16), MAML(0.01))
+    data = SinusoidDataModule(meta_batch_size=2, num_test_tasks=4)
+    with pytest.raises(
+        ValueError, match=r"different model \(model\.0\.weight: \(8, 1\) in it, \(16, 1\) here"
+    ):
+        trainer.test(other, datamodule=data, ckpt_path=ckpt)
+    with pytest.raises(ValueError, match="different model"):
+        MetaLearner.load_from_checkpoint(ckpt, model=MLP(hidden=16), algorithm=MAML(0.01))
+    # The same model loads.
+    assert trainer.test(MetaLearner(MLP(hidden=8), MAML(0.01)), datamodule=data, ckpt_path=ckpt)

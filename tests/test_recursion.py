@@ -291,7 +291,9 @@ def test_options_round_trip_through_hparams():
         HFMAML(0.1, 2),
     ):
         hparams = algorithm.hparams()
-        rebuilt = type(algorithm)(**{k: v for k, v in hparams.items() if k != "variant"})
+        settings = {k: v for k, v in hparams.items() if k not in ("variant", "inner_update")}
+        update = type(algorithm.inner_update)(**hparams["inner_update"]["init_args"])
+        rebuilt = type(algorithm)(**settings, inner_update=update)
         assert rebuilt.hparams() == hparams
 
 
