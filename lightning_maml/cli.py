@@ -12,7 +12,6 @@ import importlib
 import math
 import netrc
 import os
-import pickle
 import socket
 import sys
 import threading
@@ -21,13 +20,13 @@ from pathlib import Path
 from urllib.parse import urlsplit
 from urllib.request import getproxies, proxy_bypass
 
-import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from lightning_maml.checks import check_checkpoint_file
 from lightning_maml.learner import MetaLearner
 
 __all__ = ["MetaCLI", "main"]
@@ -113,36 +112,6 @@ class MetaCLI(LightningCLI):
 
     def after_validate(self) -> None:
         finish_wandb_runs(self.trainer)
-
-
-def check_checkpoint_file(path: str | Path) -> None:
-    """Raises a clear error for a checkpoint file that is missing, empty, truncated or foreign.
-
-    Args:
-        path: The checkpoint given as ``--ckpt_path``.
-
-    Raises:
-        FileNotFoundError: If there is no such file.
-        ValueError: If the file cannot be read as a checkpoint.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"--ckpt_path {path}: no such file; runs keep theirs under "
-            "<save_dir>/<project or lightning_logs>/<run>/checkpoints/ (last.ckpt is the newest)."
-        )
-    fix = (
-        "it is empty, truncated (a run killed while writing it, or a full disk) or not a "
-        f"checkpoint; resume or test from another one (the other .ckpt files in {path.parent})."
-    )
-    if path.stat().st_size == 0:
-        raise ValueError(f"cannot read checkpoint {path}: {fix}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
-        raise ValueError(f"cannot read checkpoint {path} ({err}): {fix}") from err
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"cannot read checkpoint {path} (it holds no state_dict): {fix}")
 
 
 def root_cause(error: BaseException) -> BaseException:
