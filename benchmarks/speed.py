@@ -356,6 +356,7 @@ def measure_recipe(args, recipe: Path) -> dict:
                     folder,
                     "--trainer.accelerator",
                     torch.device(args.device).type,
+                    *args.recipe_args,
                 ],
                 run=False,
             )
@@ -418,6 +419,13 @@ def main() -> None:
     )
     parser.add_argument("--recipe-steps", type=int, default=400)
     parser.add_argument("--recipe-rounds", type=int, default=3)
+    parser.add_argument(
+        "--recipe-arg",
+        action="append",
+        default=[],
+        dest="recipe_args",
+        help="one more CLI argument for the recipe's run, as --recipe-arg=--trainer.logger=false",
+    )
     parser.add_argument(
         "--compile",
         nargs="?",
