@@ -252,14 +252,13 @@ class MetaAlgorithm:
         return {"variant": type(self).__name__, **hparams}
 
     def __repr__(self) -> str:
-        hparams = {k: v for k, v in self.hparams().items() if k != "variant"}
+        skip = ("variant", "inner_update")
+        args = [f"{k}={v!r}" for k, v in self.hparams().items() if k not in skip]
         update = self.inner_update
-        del hparams["inner_update"]
         if type(update) is not InnerUpdate or update.hparams() != InnerUpdate().hparams():
             # The update's own settings, not the class_path form that configs take.
-            hparams["inner_update"] = _Verbatim(f"{type(update).__name__}({update.extra_repr()})")
-        args = ", ".join(f"{k}={v!r}" for k, v in hparams.items())
-        return f"{type(self).__name__}({args})"
+            args.append(f"inner_update={type(update).__name__}({update.extra_repr()})")
+        return f"{type(self).__name__}({', '.join(args)})"
 
     def chunk_size(self, model: nn.Module, device: torch.device, num_tasks: int) -> int:
         """The number of tasks per vectorised call for ``model`` on ``device``."""
@@ -458,10 +457,3 @@ def query_stats(
     if loss_before:
         stats["losses_before"] = task.loss(params, data["query_x"], data["query_y"]).detach()
     return stats
-
-
-class _Verbatim(str):
-    """A string whose repr is itself (an object's repr inside another's)."""
-
-    def __repr__(self) -> str:
-        return str(self)

@@ -81,6 +81,12 @@ class ModelCheckpoint(LightningModelCheckpoint):
         # the checkpoint holds the weights after the optimizer step. For a meta-learner those are
         # the weights to save: global_step counts the meta-updates they include, and a fit
         # resumed from them continues exactly as the uninterrupted one (tests/test_faults.py).
+        # Only on the steps Lightning saves at (where it warns): leaving catch_warnings resets
+        # the warning registries, so every other warning's "once" would repeat at each step.
+        n = self._every_n_train_steps
+        if n < 1 or trainer.global_step % n != 0:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            return
         with warnings.catch_warnings():
             warnings.filterwarnings(
                 "ignore", message="Using ModelCheckpoint with manual optimization"
