@@ -273,7 +273,13 @@ def test_independent_without_hessian_set_raises(algorithm):
 
 
 def test_fomaml_ignores_missing_hessian_set():
-    FOMAML(0.1).meta_gradient(tiny_net(), mse, tiny_tasks(hessian_set=False))
+    # FO-MAML has no Hessian term: without D_h it runs, and gives the meta-gradient it gives with D_h.
+    without = FOMAML(0.1).meta_gradient(tiny_net(), mse, tiny_tasks(hessian_set=False))
+    with_set = FOMAML(0.1).meta_gradient(tiny_net(), mse, tiny_tasks(hessian_set=True))
+    assert without.grads.keys() == with_set.grads.keys()
+    for name, grad in with_set.grads.items():
+        assert grad.abs().sum() > 0
+        torch.testing.assert_close(without.grads[name], grad, rtol=0, atol=0)
 
 
 def test_mismatched_task_dimension_raises():

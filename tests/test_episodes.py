@@ -156,7 +156,11 @@ def test_setup_rejects_tasks_the_split_cannot_give(kwargs, stage, match):
 
 
 def test_setup_checks_only_the_splits_of_its_stage():
-    ToyImages(ways=7).setup("test")  # the 6-class val split is not read when testing
+    dm = ToyImages(ways=7)
+    dm.setup("test")  # the 6-class val split is not checked when testing
+    assert index_batch(dm, 0, "test").support_x.shape[1] == 7 * 2
+    with pytest.raises(ValueError, match=r"ways=7 but the val split of ToyImages has only 6"):
+        dm.setup("validate")
 
 
 @pytest.mark.parametrize(

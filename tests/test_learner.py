@@ -119,12 +119,23 @@ def test_non_finite_meta_loss_stops_before_the_update():
         loss = nn.functional.mse_loss(prediction, target)
         return loss * math.inf if calls["n"] > 5 else loss
 
+    class AtBatchStart(L.Callback):
+        """The weights as each training step begins."""
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.weights = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+            self.step = trainer.global_step
+
     learner = MetaLearner(MLP(hidden=8), FOMAML(0.01), exploding)
-    fit = trainer(max_steps=10)
+    start = AtBatchStart()
+    fit = trainer(max_steps=10, callbacks=[start])
     with pytest.raises(FloatingPointError, match=r"Non-finite meta-loss at global step \d+"):
         fit.fit(learner, datamodule=sinusoids(meta_batch_size=2))
-    before = params(learner)
-    assert all(torch.isfinite(p).all() for p in before.values())
+    # The failing step ran its forward passes (the loss was called) but made no update: the
+    # weights are those it started with, and no optimizer step was counted for it.
+    assert start.step >= 1 and fit.global_step == start.step
+    for name, value in params(learner).items():
+        torch.testing.assert_close(value, start.weights[name], rtol=0, atol=0)
 
 
 def test_independent_hessian_without_hessian_shots_fails_before_training():
