@@ -103,7 +103,7 @@ def tar_gz(members: dict[str, bytes]) -> bytes:
     return buffer.getvalue()
 
 
-def cifar_tarball() -> bytes:
+def cifar_members() -> dict[str, bytes]:
     """cifar-100-python/{train,test,meta}: the real pickles' keys, 2 + 1 images per class."""
     fine_names = sorted(name for names in CIFARFS_CLASSES.values() for name in names)
     coarse_names = sorted(name for names in FC100_SUPERCLASSES.values() for name in names)
@@ -123,11 +123,12 @@ def cifar_tarball() -> bytes:
             b"coarse_label_names": [n.encode() for n in coarse_names],
         }
     )
-    return tar_gz(members)
+    return members
 
 
 ZIPS = omniglot_zips()
-TARBALL = cifar_tarball()
+MEMBERS = cifar_members()
+TARBALL = tar_gz(MEMBERS)
 
 
 class Server:
@@ -233,6 +234,7 @@ def registry(server: Server) -> dict[str, DataSet]:
         "cifar100": dataclasses.replace(
             DATASETS["cifar100"],
             sources=(Source("cifar-100-python.tar.gz", "unused", md5(TARBALL)),),
+            members=tuple((name.split("/")[1], md5(data)) for name, data in MEMBERS.items()),
         ),
         "blob": DataSet("blob", "", (Source("blob.bin", "unused", md5(BLOB)),)),
     }
@@ -476,7 +478,10 @@ DataSet, DownloadError, Source, download = (
 )
 name, root, datasets, limit, barrier = json.loads(sys.argv[2])
 datasets = {
-    key: DataSet(d["title"], d["size"], tuple(Source(**s) for s in d["sources"]), d["unpack"])
+    key: DataSet(
+        d["title"], d["size"], tuple(Source(**s) for s in d["sources"]), d["unpack"],
+        tuple(map(tuple, d["members"])),
+    )
     for key, d in datasets.items()
 }
 if barrier:
