@@ -2,19 +2,14 @@
 
 ``lightning-maml download NAME [--root DIR] [--mirror URL]``, or ``download=True`` on a datamodule
 (in ``prepare_data``, when its root holds no data). :func:`pooch.retrieve` checks each file against
-its pinned MD5, the official file's whatever the URL, and moves it to its name only once verified:
-a wrong body (an HTML error page, an empty or truncated response) is deleted and reported with both
-digests. pooch calls this module's downloader, which streams into ``<file>.part``; after an
-interruption (a dropped connection, a stalled server, a full disk, a killed job) the next run
-resumes from it where the server honours HTTP range requests. A verified file is not fetched again,
-and a lock file lets one process at a time download into a root (two jobs, or the nodes of a DDP
-run); the others wait, then find the files verified.
-
-Nothing is written through a symbolic link: a link at a name the download writes (a file, its
-``.part``, the lock file, CIFAR-100's folder or its temporary one) is refused, named in the message.
-CIFAR-100's tarball must hold only files and folders, none outside the root; pooch's Untar unpacks
-it into a temporary folder, renamed to ``cifar-100-python/`` when complete. The Omniglot zips are
-read as they are.
+its pinned MD5, the official file's whatever the URL, and moves it to its name only once verified;
+a wrong body (an HTML page, an empty or truncated response) is deleted and reported. The transfer
+streams into ``<file>.part``, from which the next run resumes after an interruption (a dropped
+connection, a full disk, a killed job) where the server honours HTTP range requests. A lock file
+lets one process at a time download into a root; the others wait, then find the files verified.
+Nothing is written through a symbolic link: a link at a name that a download writes is refused.
+CIFAR-100's tarball must hold only files and folders, none out of the root; pooch's Untar unpacks
+it into a temporary folder, renamed to ``cifar-100-python/`` when complete.
 
 Mirrors, for clusters without internet access: ``--mirror URL`` or ``LIGHTNING_MAML_DATA_MIRROR``
 replace the official URLs by ``<mirror>/<data set>/<file name>``, e.g.
@@ -96,6 +91,7 @@ class DataSet:
 
 
 _OMNIGLOT = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
+_CIFAR100 = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 # The MD5s are those that torchvision's Omniglot and CIFAR100 datasets publish for these files.
 DATASETS: dict[str, DataSet] = {
     "omniglot": DataSet(
@@ -112,13 +108,7 @@ DATASETS: dict[str, DataSet] = {
     "cifar100": DataSet(
         "CIFAR-100 (for CIFAR-FS and FC100), unpacked into cifar-100-python/",
         "161 MB",
-        (
-            Source(
-                "cifar-100-python.tar.gz",
-                "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-                "eb9058c3a382ffc7106e4002c42a8d85",
-            ),
-        ),
+        (Source("cifar-100-python.tar.gz", _CIFAR100, "eb9058c3a382ffc7106e4002c42a8d85"),),
         unpack="cifar-100-python",
         members=(
             ("train", "16019d7e3df5f24257cddd939b257f8d"),
@@ -197,109 +187,102 @@ def _what(path: Path) -> str:
 
 
 class _Downloader:
-    """pooch's downloader: streams a URL into ``part``, resuming what that holds.
+    """pooch's downloader: streams a URL into ``<target>.part``, resuming what that holds.
 
-    pooch passes an empty temporary file, which it verifies afterwards and moves to the target.
-    The body goes to ``part`` instead, kept if the transfer fails so that the next run resumes,
-    and replaces the temporary file once complete; that is deleted at once, so that a killed job
-    leaves the ``part`` only.
+    pooch passes an empty temporary file, verifies it afterwards and moves it to the target. The
+    body goes to the ``.part`` instead, kept if the transfer fails so that the next run resumes,
+    and replaces the temporary file once complete. That is deleted at once, so that a killed job
+    leaves the ``.part`` only.
     """
 
-    def __init__(self, part: Path) -> None:
-        self.part = part
-        self.answered = self.resumed = False
-        self.total: int | None = None
-        self.md5 = self.what = ""
+    def __init__(self, target: Path, md5: str) -> None:
+        self.part, self.md5 = target.with_name(target.name + ".part"), md5
+        self.got = self.what = ""  # the body's MD5 and look, for pooch's hash mismatch
 
     def __call__(self, url: str, output_file: str, _pooch: object) -> None:
         os.unlink(output_file)
-        shown = _shown(url)
-        try:
-            self._stream(url, shown)
-        # from None: requests' errors can quote the URL, password included.
-        except (requests.RequestException, urllib3.exceptions.HTTPError, IncompleteRead) as err:
-            if not self.answered:
-                raise DownloadError(
-                    f"cannot reach {shown} ({_reason(err)}); check the network and the address, "
-                    f"or {MIRROR_HINT}."
-                ) from None
-            received = self.part.stat().st_size if self.part.is_file() else 0
-            of = f" of {self.total:,}" if self.total else ""
-            raise DownloadError(
-                f"the connection to {shown} dropped ({_reason(err)}); {received:,}{of} bytes are "
-                f"kept in {self.part}: run again to resume."
-            ) from None
-        except OSError as err:  # after requests' errors, which are OSErrors too
-            raise DownloadError(
-                f"cannot write {self.part} ({err.strerror or err}); free space on that disk or "
-                "choose another root, then run again to resume."
-            ) from err
-        # For the message, should pooch find a wrong body: it deletes it then.
-        self.md5, self.what = _md5(self.part), _what(self.part)
+        resumed = self._stream(url)
+        self.got = _md5(self.part)
+        if resumed and self.got != self.md5:
+            # The kept bytes may belong to another file (a mirror that changed, say).
+            _say(f"{self.part.stem}: the resumed download failed the hash check; starting again.")
+            self.part.unlink()
+            self._stream(url)
+            self.got = _md5(self.part)
+        self.what = _what(self.part)
         os.replace(self.part, output_file)
 
-    def _stream(self, url: str, shown: str) -> None:
-        part = self.part
+    def _stream(self, url: str) -> bool:
+        """Streams ``url`` into the ``.part``; returns whether it resumed what that held."""
+        part, shown, response, total = self.part, _shown(url), None, None
         _no_link(part)
         offset = part.stat().st_size if part.exists() else 0
         # identity: byte offsets, lengths and hashes are those of the file itself.
         headers = {"Accept-Encoding": "identity"}
         if offset:
             headers["Range"] = f"bytes={offset}-"
-        with requests.get(url, headers=headers, stream=True, timeout=TIMEOUT) as response:
-            self.answered, status = True, response.status_code
-            self.resumed = status == 206 and response.headers.get("Content-Range", "").startswith(
-                f"bytes {offset}-"
-            )
-            if offset and not self.resumed and status in (206, 416):
-                # The kept bytes are no prefix of this file (416: as long as it or longer), or the
-                # server sent another range than asked for: start again from the first byte.
-                part.unlink()
-                return self._stream(url, shown)
-            if status >= 400:
-                advice = (
-                    "Check the URL (a mirror holds <mirror>/<data set>/<file name>)"
-                    if status < 500
-                    else f"The server failed: try again later, or {MIRROR_HINT}"
+        try:
+            with requests.get(url, headers=headers, stream=True, timeout=TIMEOUT) as response:
+                status = response.status_code
+                resumed = status == 206 and response.headers.get("Content-Range", "").startswith(
+                    f"bytes {offset}-"
                 )
+                if offset and not resumed and status in (206, 416):
+                    # The kept bytes are no prefix of this file (416: as long as it or longer),
+                    # or the server sent another range than asked for: start from byte 0.
+                    part.unlink()
+                    return self._stream(url)
+                if status >= 400:
+                    advice = (
+                        "Check the URL (a mirror holds <mirror>/<data set>/<file name>)"
+                        if status < 500
+                        else f"The server failed: try again later, or {MIRROR_HINT}"
+                    )
+                    raise DownloadError(
+                        f"{shown} answered HTTP {status} {response.reason}; nothing was saved. "
+                        f"{advice}."
+                    )
+                start = offset if resumed else 0
+                length = response.headers.get("Content-Length", "")
+                total = start + int(length) if length.isdigit() else None
+                if not resumed:
+                    part.unlink(missing_ok=True)
+                # O_NOFOLLOW, O_EXCL: a link put at this name since the check above is refused.
+                mode = os.O_APPEND if resumed else os.O_CREAT | os.O_EXCL
+                fd = os.open(part, os.O_WRONLY | os.O_NOFOLLOW | mode, 0o644)
+                with open(fd, "wb") as f, _progress(part.stem, total, start) as bar:
+                    # The raw bytes: a server that labels a .tar.gz "Content-Encoding: gzip"
+                    # must not have it decompressed on the way.
+                    for chunk in response.raw.stream(CHUNK, decode_content=False):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+            if total is not None and part.stat().st_size < total:
+                raise IncompleteRead(b"")
+            return resumed
+        # from None: requests' errors can quote the URL, password included.
+        except (requests.RequestException, urllib3.exceptions.HTTPError, IncompleteRead) as err:
+            if response is None:
                 raise DownloadError(
-                    f"{shown} answered HTTP {status} {response.reason}; nothing was saved. "
-                    f"{advice}."
-                )
-            start = offset if self.resumed else 0
-            length = response.headers.get("Content-Length")
-            self.total = start + int(length) if length else None
-            if not self.resumed:
-                part.unlink(missing_ok=True)
-            # O_NOFOLLOW, O_EXCL: a link put at this name since the check above is refused too.
-            mode = os.O_APPEND if self.resumed else os.O_CREAT | os.O_EXCL
-            fd = os.open(part, os.O_WRONLY | os.O_NOFOLLOW | mode, 0o644)
-            with (
-                open(fd, "wb") as f,
-                _progress(part.name[: -len(".part")], self.total, start) as bar,
-            ):
-                # The raw bytes: a server that labels a .tar.gz "Content-Encoding: gzip" must not
-                # have it decompressed on the way.
-                for chunk in response.raw.stream(CHUNK, decode_content=False):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-        if self.total is not None and part.stat().st_size < self.total:
-            raise IncompleteRead(b"")
-        return None
+                    f"cannot reach {shown} ({_reason(err)}); check the network and the address, "
+                    f"or {MIRROR_HINT}."
+                ) from None
+            received = part.stat().st_size if part.is_file() else 0
+            of = f" of {total:,}" if total else ""
+            raise DownloadError(
+                f"the connection to {shown} dropped ({_reason(err)}); {received:,}{of} bytes are "
+                f"kept in {part}: run again to resume."
+            ) from None
+        except OSError as err:  # after requests' errors, which are OSErrors too
+            raise DownloadError(
+                f"cannot write {part} ({err.strerror or err}); free space on that disk or choose "
+                "another root, then run again to resume."
+            ) from err
 
 
 def _progress(name: str, total: int | None, initial: int) -> tqdm:
     # disable=None draws the bar on a terminal only: batch jobs' logs get no carriage returns.
-    return tqdm(
-        total=total,
-        initial=initial,
-        desc=name,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        disable=None,
-        file=sys.stderr,
-    )
+    style = {"unit": "B", "unit_scale": True, "unit_divisor": 1024, "disable": None}
+    return tqdm(total=total, initial=initial, desc=name, file=sys.stderr, **style)
 
 
 def _fetch(url: str, target: Path, md5: str) -> None:
@@ -316,22 +299,16 @@ def _fetch(url: str, target: Path, md5: str) -> None:
             "downloaded here: move it away and run again."
         )
     _say(f"{target.name}: downloading {_shown(url)}")
-    while True:
-        fetch = _Downloader(target.with_name(target.name + ".part"))
-        try:
-            pooch.retrieve(url, f"md5:{md5}", target.name, target.parent, downloader=fetch)
-            _say(f"{target.name}: MD5 verified.")
-            return
-        except ValueError:  # pooch's hash mismatch; it has deleted the body
-            if not fetch.resumed:
-                raise DownloadError(
-                    f"hash mismatch for {_shown(url)}: expected MD5 {md5}, got {fetch.md5} "
-                    f"({fetch.what}). It was deleted; nothing was kept. Try again later, or "
-                    f"{MIRROR_HINT} that serves the official file."
-                ) from None
-        # The bytes kept from an earlier attempt may belong to another file (a mirror that
-        # changed, say): download once more, from the first byte.
-        _say(f"{target.name}: the resumed download failed the hash check; starting again.")
+    fetch = _Downloader(target, md5)
+    try:
+        pooch.retrieve(url, f"md5:{md5}", target.name, target.parent, downloader=fetch)
+    except ValueError:  # pooch's hash mismatch; it has deleted the body
+        raise DownloadError(
+            f"hash mismatch for {_shown(url)}: expected MD5 {md5}, got {fetch.got} ({fetch.what}). "
+            f"It was deleted; nothing was kept. Try again later, or {MIRROR_HINT} that serves the "
+            "official file."
+        ) from None
+    _say(f"{target.name}: MD5 verified.")
 
 
 def _unpacked(folder: Path, members: tuple[tuple[str, str], ...]) -> bool:
@@ -369,15 +346,12 @@ def _unpack(archive: Path, folder: str) -> None:
         with tarfile.open(archive) as tar:
             for member in tar:
                 path = PurePosixPath(member.name)
-                if (
-                    path.is_absolute()
-                    or ".." in path.parts
-                    or not (member.isfile() or member.isdir())
-                ):
+                inside = not path.is_absolute() and ".." not in path.parts
+                if not (inside and (member.isfile() or member.isdir())):
                     raise DownloadError(
-                        f"{archive} holds {member.name!r}, a link, a device or a path out of the "
-                        "root, so it is not the official file: nothing was unpacked. Delete it "
-                        "and run again."
+                        f"{archive} holds {member.name!r}, not a file or folder at a relative path "
+                        "without '..', as the official file's are: nothing was unpacked. Delete "
+                        "it and run again."
                     )
         staging.mkdir()
         pooch.Untar(extract_dir=staging.name)(str(archive), "download", None)
@@ -504,11 +478,9 @@ def main(argv: list[str] | None = None) -> int:
         epilog=_listing(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    names = [*DATASETS, *ALIASES, *UNAVAILABLE]
     parser.add_argument(
-        "name",
-        metavar="NAME",
-        choices=[*DATASETS, *ALIASES, *UNAVAILABLE],
-        help=f"the data set: {', '.join([*DATASETS, *ALIASES, *UNAVAILABLE])}",
+        "name", metavar="NAME", choices=names, help=f"the data set: {', '.join(names)}"
     )
     parser.add_argument(
         "--root",

@@ -516,8 +516,8 @@ def test_an_archive_member_out_of_the_root_or_not_a_file_is_refused(
     root = tmp_path / "data" / "cifar100"
     with pytest.raises(
         DownloadError,
-        match=rf"holds {re.escape(repr(member))}, a link, a device or a path out of the root, so "
-        r"it is not the official file: nothing was unpacked",
+        match=rf"holds {re.escape(repr(member))}, not a file or folder at a relative path without "
+        r"'\.\.', as the official file's are: nothing was unpacked\. Delete it and run again",
     ):
         download("cifar100", root, server.url, datasets=datasets)
     # The verified tarball stays; nothing was unpacked, in the root or out of it.
