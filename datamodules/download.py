@@ -1,37 +1,26 @@
 """Downloads the benchmark data sets from their official sources, verified against pinned hashes.
 
-``lightning-maml download NAME [--root DIR] [--mirror URL]`` on the command line, or
-``download=True`` on a datamodule (done in ``prepare_data`` when its root holds no data). Every
-file
+``lightning-maml download NAME [--root DIR] [--mirror URL]``, or ``download=True`` on a datamodule
+(in ``prepare_data``, when its root holds no data). :func:`pooch.retrieve` checks each file against
+its pinned MD5, the official file's whatever the URL, and moves it to its name only once verified;
+a wrong body (an HTML page, an empty or truncated response) is deleted and reported. The transfer
+streams into ``<file>.part``, from which the next run resumes after an interruption (a dropped
+connection, a full disk, a killed job) where the server honours HTTP range requests. A lock file
+lets one process at a time download into a root; the others wait, then find the files verified.
+Nothing is written through a symbolic link: a link at a name that a download writes is refused.
+CIFAR-100's tarball must hold only files and folders, none out of the root; pooch's Untar unpacks
+it into a temporary folder, renamed to ``cifar-100-python/`` when complete.
 
-- is checked against its pinned MD5, the official file's, whatever the URL it came from: a wrong
-  body (an HTML error page, an empty or truncated response) is deleted and reported with both
-  digests, and nothing is left where the readers look;
-- is written to ``<file>.part`` beside its target and renamed only once verified, so that no
-  reader ever sees a partial file. After an interruption (a dropped connection, a full disk,
-  Ctrl-C, a killed job) the next run resumes from the ``.part`` where the server honours HTTP
-  range requests, and starts again where it does not;
-- is fetched once: a verified file is not fetched again, and a lock file in the root lets only one
-  process at a time download into it (two jobs, or the nodes of a DDP run on a shared file
-  system); the others wait, then find the files verified.
-
-CIFAR-100's tarball is unpacked into a temporary folder beside ``cifar-100-python/`` and renamed
-to it when complete; the Omniglot zips are read as they are.
-
-Mirrors, for clusters without internet access: ``--mirror URL`` or the environment variable
-``LIGHTNING_MAML_DATA_MIRROR`` replace the official URLs by ``<mirror>/<data set>/<file name>``,
-e.g. ``<mirror>/omniglot/images_background.zip`` or ``<mirror>/cifar100/cifar-100-python.tar.gz``.
-
-This is requests, tqdm and filelock rather than pooch: pooch streams into a temporary file with a
-random name, which a killed download leaves behind for good and which no later run can resume
-from, and its downloader does not expose the response status a resume has to check.
+Mirrors, for clusters without internet access: ``--mirror URL`` or ``LIGHTNING_MAML_DATA_MIRROR``
+replace the official URLs by ``<mirror>/<data set>/<file name>``, e.g.
+``<mirror>/omniglot/images_background.zip``. A password in a mirror's URL
+(``https://user:password@host``) is sent, never shown: messages print ``https://***@host/...``.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import http.client
+import logging
 import os
 import shutil
 import sys
@@ -40,9 +29,11 @@ import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from http.client import IncompleteRead
+from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
+import pooch
 import requests
 import urllib3
 from filelock import FileLock, Timeout
@@ -89,44 +80,41 @@ class DataSet:
         sources: Its files.
         unpack: The folder that its one tar archive holds, unpacked into the root; ``None`` for
             files that the readers read as they are.
+        members: The files (name, MD5) that ``unpack`` holds once unpacked.
     """
 
     title: str
     size: str
     sources: tuple[Source, ...]
     unpack: str | None = None
+    members: tuple[tuple[str, str], ...] = ()
 
 
 _OMNIGLOT = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
+_CIFAR100 = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 # The MD5s are those that torchvision's Omniglot and CIFAR100 datasets publish for these files.
 DATASETS: dict[str, DataSet] = {
     "omniglot": DataSet(
         "Omniglot (Lake et al. 2015), the two official zips",
         "about 16 MB",
-        (
-            Source(
-                "images_background.zip",
-                _OMNIGLOT + "images_background.zip",
-                "68d2efa1b9178cc56df9314c21c6e718",
-            ),
-            Source(
-                "images_evaluation.zip",
-                _OMNIGLOT + "images_evaluation.zip",
-                "6b91aef0f799c5bb55b94e3f2daec811",
-            ),
+        tuple(
+            Source(f"{name}.zip", f"{_OMNIGLOT}{name}.zip", md5)
+            for name, md5 in (
+                ("images_background", "68d2efa1b9178cc56df9314c21c6e718"),
+                ("images_evaluation", "6b91aef0f799c5bb55b94e3f2daec811"),
+            )
         ),
     ),
     "cifar100": DataSet(
         "CIFAR-100 (for CIFAR-FS and FC100), unpacked into cifar-100-python/",
         "161 MB",
-        (
-            Source(
-                "cifar-100-python.tar.gz",
-                "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-                "eb9058c3a382ffc7106e4002c42a8d85",
-            ),
-        ),
+        (Source("cifar-100-python.tar.gz", _CIFAR100, "eb9058c3a382ffc7106e4002c42a8d85"),),
         unpack="cifar-100-python",
+        members=(
+            ("train", "16019d7e3df5f24257cddd939b257f8d"),
+            ("test", "f0ef6b0ae62326f3e7ffdfab6717acfc"),
+            ("meta", "7973b15100ade9c7d40fb424638fde48"),
+        ),
     ),
 }
 ALIASES = {"cifarfs": "cifar100", "fc100": "cifar100"}
@@ -151,13 +139,25 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _shown(url: str) -> str:
+    """``url`` as messages show it, with ``***`` for a user and password."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
+
+
 def _md5(path: Path) -> str:
-    # usedforsecurity=False: MD5 checks integrity here, and FIPS-mode systems refuse it otherwise.
-    digest = hashlib.md5(usedforsecurity=False)
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return pooch.file_hash(str(path), alg="md5")
+
+
+def _no_link(path: Path) -> None:
+    if path.is_symlink():
+        raise DownloadError(
+            f"{path} is a symbolic link (to {os.readlink(path)}), and a download writes only what "
+            "it creates: remove the link and run again (for data kept elsewhere, use its folder "
+            "as the root)."
+        )
 
 
 def _reason(err: BaseException) -> str:
@@ -168,155 +168,193 @@ def _reason(err: BaseException) -> str:
     while cause is not None:
         if isinstance(cause, OSError) and cause.strerror:
             return cause.strerror
-        if isinstance(cause, http.client.IncompleteRead):
+        if isinstance(cause, IncompleteRead):
             return "closed before the end of the file"
         err, cause = cause, cause.__cause__ or cause.__context__
     return type(err).__name__
 
 
-def _what(part: Path) -> str:
+def _what(path: Path) -> str:
     """What a body that failed the hash check looks like, for the message."""
-    size = part.stat().st_size
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(256).lstrip().lower()
     if size == 0:
         return "an empty body"
-    with part.open("rb") as f:
-        head = f.read(256).lstrip().lower()
     if head.startswith((b"<!doctype html", b"<html")):
         return f"an HTML page of {size:,} bytes, not the file: an error, login or quota page"
     return f"{size:,} bytes"
 
 
+class _Downloader:
+    """pooch's downloader: streams a URL into ``<target>.part``, resuming what that holds.
+
+    pooch passes an empty temporary file, verifies it afterwards and moves it to the target. The
+    body goes to the ``.part`` instead, kept if the transfer fails so that the next run resumes,
+    and replaces the temporary file once complete. That is deleted at once, so that a killed job
+    leaves the ``.part`` only.
+    """
+
+    def __init__(self, target: Path, md5: str) -> None:
+        self.part, self.md5 = target.with_name(target.name + ".part"), md5
+        self.got = self.what = ""  # the body's MD5 and look, for pooch's hash mismatch
+
+    def __call__(self, url: str, output_file: str, _pooch: object) -> None:
+        os.unlink(output_file)
+        resumed = self._stream(url)
+        self.got = _md5(self.part)
+        if resumed and self.got != self.md5:
+            # The kept bytes may belong to another file (a mirror that changed, say).
+            _say(f"{self.part.stem}: the resumed download failed the hash check; starting again.")
+            self.part.unlink()
+            self._stream(url)
+            self.got = _md5(self.part)
+        self.what = _what(self.part)
+        os.replace(self.part, output_file)
+
+    def _stream(self, url: str) -> bool:
+        """Streams ``url`` into the ``.part``; returns whether it resumed what that held."""
+        part, shown, response, total = self.part, _shown(url), None, None
+        _no_link(part)
+        offset = part.stat().st_size if part.exists() else 0
+        # identity: byte offsets, lengths and hashes are those of the file itself.
+        headers = {"Accept-Encoding": "identity"}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        try:
+            with requests.get(url, headers=headers, stream=True, timeout=TIMEOUT) as response:
+                status = response.status_code
+                resumed = status == 206 and response.headers.get("Content-Range", "").startswith(
+                    f"bytes {offset}-"
+                )
+                if offset and not resumed and status in (206, 416):
+                    # The kept bytes are no prefix of this file (416: as long as it or longer),
+                    # or the server sent another range than asked for: start from byte 0.
+                    part.unlink()
+                    return self._stream(url)
+                if status >= 400:
+                    advice = (
+                        "Check the URL (a mirror holds <mirror>/<data set>/<file name>)"
+                        if status < 500
+                        else f"The server failed: try again later, or {MIRROR_HINT}"
+                    )
+                    raise DownloadError(
+                        f"{shown} answered HTTP {status} {response.reason}; nothing was saved. "
+                        f"{advice}."
+                    )
+                start = offset if resumed else 0
+                length = response.headers.get("Content-Length", "")
+                total = start + int(length) if length.isdigit() else None
+                if not resumed:
+                    part.unlink(missing_ok=True)
+                # O_NOFOLLOW, O_EXCL: a link put at this name since the check above is refused.
+                mode = os.O_APPEND if resumed else os.O_CREAT | os.O_EXCL
+                fd = os.open(part, os.O_WRONLY | os.O_NOFOLLOW | mode, 0o644)
+                with open(fd, "wb") as f, _progress(part.stem, total, start) as bar:
+                    # The raw bytes: a server that labels a .tar.gz "Content-Encoding: gzip"
+                    # must not have it decompressed on the way.
+                    for chunk in response.raw.stream(CHUNK, decode_content=False):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+            if total is not None and part.stat().st_size < total:
+                raise IncompleteRead(b"")
+            return resumed
+        # from None: requests' errors can quote the URL, password included.
+        except (requests.RequestException, urllib3.exceptions.HTTPError, IncompleteRead) as err:
+            if response is None:
+                raise DownloadError(
+                    f"cannot reach {shown} ({_reason(err)}); check the network and the address, "
+                    f"or {MIRROR_HINT}."
+                ) from None
+            received = part.stat().st_size if part.is_file() else 0
+            of = f" of {total:,}" if total else ""
+            raise DownloadError(
+                f"the connection to {shown} dropped ({_reason(err)}); {received:,}{of} bytes are "
+                f"kept in {part}: run again to resume."
+            ) from None
+        except OSError as err:  # after requests' errors, which are OSErrors too
+            raise DownloadError(
+                f"cannot write {part} ({err.strerror or err}); free space on that disk or choose "
+                "another root, then run again to resume."
+            ) from err
+
+
 def _progress(name: str, total: int | None, initial: int) -> tqdm:
     # disable=None draws the bar on a terminal only: batch jobs' logs get no carriage returns.
-    return tqdm(
-        total=total,
-        initial=initial,
-        desc=name,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        disable=None,
-        file=sys.stderr,
-    )
-
-
-def _dropped(url: str, part: Path, total: int | None, reason: str) -> DownloadError:
-    received = part.stat().st_size if part.is_file() else 0
-    of = f" of {total:,}" if total else ""
-    return DownloadError(
-        f"the connection to {url} dropped ({reason}); {received:,}{of} bytes are kept in {part}: "
-        "run again to resume."
-    )
-
-
-def _get(url: str, part: Path) -> bool:
-    """Streams ``url`` into ``part``, resuming from what ``part`` holds where the server can.
-
-    Returns:
-        Whether the download resumed (``part`` then starts with bytes of an earlier attempt).
-    """
-    offset = part.stat().st_size if part.is_file() else 0
-    # identity: byte offsets, lengths and hashes are those of the file itself.
-    headers = {"Accept-Encoding": "identity"}
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
-    response = None
-    total = None
-    try:
-        with requests.get(url, headers=headers, stream=True, timeout=TIMEOUT) as response:
-            status = response.status_code
-            resumed = status == 206 and response.headers.get("Content-Range", "").startswith(
-                f"bytes {offset}-"
-            )
-            if offset and (status == 416 or (status == 206 and not resumed)):
-                # The kept bytes are no prefix of this file (416: as long as it or longer), or the
-                # server sent another range than asked for: start again from the first byte.
-                part.unlink()
-                return _get(url, part)
-            if status >= 400:
-                advice = (
-                    "Check the URL (a mirror holds <mirror>/<data set>/<file name>)"
-                    if status < 500
-                    else f"The server failed: try again later, or {MIRROR_HINT}"
-                )
-                raise DownloadError(
-                    f"{url} answered HTTP {status} {response.reason}; nothing was saved. {advice}."
-                )
-            start = offset if resumed else 0
-            length = response.headers.get("Content-Length")
-            total = start + int(length) if length else None
-            with (
-                part.open("ab" if resumed else "wb") as f,
-                _progress(part.name.removesuffix(".part"), total, start) as bar,
-            ):
-                # The raw bytes: a server that labels a .tar.gz "Content-Encoding: gzip" must not
-                # have it decompressed on the way.
-                for chunk in response.raw.stream(CHUNK, decode_content=False):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-            if total is not None and part.stat().st_size < total:
-                raise _dropped(url, part, total, "closed before the end of the file")
-            return resumed
-    except (requests.RequestException, urllib3.exceptions.HTTPError) as err:
-        if response is None:
-            raise DownloadError(
-                f"cannot reach {url} ({_reason(err)}); check the network and the address, or "
-                f"{MIRROR_HINT}."
-            ) from err
-        raise _dropped(url, part, total, _reason(err)) from err
-    except OSError as err:  # after requests' errors, which are OSErrors too
-        raise DownloadError(
-            f"cannot write {part} ({err.strerror or err}); free space on that disk or choose "
-            "another root, then run again to resume."
-        ) from err
+    style = {"unit": "B", "unit_scale": True, "unit_divisor": 1024, "disable": None}
+    return tqdm(total=total, initial=initial, desc=name, file=sys.stderr, **style)
 
 
 def _fetch(url: str, target: Path, md5: str) -> None:
     """Puts the file at ``url`` at ``target`` once verified; the caller holds the root's lock."""
+    _no_link(target)
     if target.exists():
         actual = _md5(target)
         if actual == md5:
             _say(f"{target.name}: already here, MD5 verified.")
             return
-        # Only a verified file is ever renamed to a target name: this one came from elsewhere.
+        # Only a verified file is ever moved to a target name: this one came from elsewhere.
         raise DownloadError(
             f"{target} is not the expected file (MD5 {actual}, expected {md5}) and was not "
             "downloaded here: move it away and run again."
         )
-    part = target.with_name(target.name + ".part")
-    _say(f"{target.name}: downloading {url}")
-    while True:
-        resumed = _get(url, part)
-        actual = _md5(part)
-        if actual == md5:
-            part.replace(target)
-            _say(f"{target.name}: MD5 verified.")
-            return
-        what = _what(part)
-        part.unlink()
-        if not resumed:
-            raise DownloadError(
-                f"hash mismatch for {url}: expected MD5 {md5}, got {actual} ({what}). It was "
-                f"deleted; nothing was kept. Try again later, or {MIRROR_HINT} that serves the "
-                "official file."
-            )
-        # The bytes kept from an earlier attempt may belong to another file (a mirror that
-        # changed, say): the loop downloads once more, from the first byte.
-        _say(f"{target.name}: the resumed download failed the hash check; starting again.")
+    _say(f"{target.name}: downloading {_shown(url)}")
+    fetch = _Downloader(target, md5)
+    try:
+        pooch.retrieve(url, f"md5:{md5}", target.name, target.parent, downloader=fetch)
+    except ValueError:  # pooch's hash mismatch; it has deleted the body
+        raise DownloadError(
+            f"hash mismatch for {_shown(url)}: expected MD5 {md5}, got {fetch.got} ({fetch.what}). "
+            f"It was deleted; nothing was kept. Try again later, or {MIRROR_HINT} that serves the "
+            "official file."
+        ) from None
+    _say(f"{target.name}: MD5 verified.")
+
+
+def _unpacked(folder: Path, members: tuple[tuple[str, str], ...]) -> bool:
+    """Whether ``folder`` holds ``members``, verified; an empty one is removed."""
+    _no_link(folder)
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+        _say(f"{folder} was empty: removed.")
+    if not folder.exists():
+        return False
+    wrong = []
+    for name, md5 in members:
+        actual = _md5(folder / name) if (folder / name).is_file() else None
+        if actual != md5:
+            wrong.append(f"{name}: MD5 {actual}" if actual else f"{name}: missing")
+    if wrong:
+        raise DownloadError(
+            f"{folder} does not hold the official files ({'; '.join(wrong)}) and was not "
+            "unpacked here: move it away and run again."
+        )
+    _say(f"{folder} is already here, MD5 verified.")
+    return True
 
 
 def _unpack(archive: Path, folder: str) -> None:
     """Unpacks ``folder`` from the tar ``archive`` beside it, all of it or nothing."""
     root = archive.parent
     staging = root / f".{folder}.partial"
+    _no_link(staging)
     # A staging folder left by an interrupted unpack is ours (we hold the lock): start afresh.
     shutil.rmtree(staging, ignore_errors=True)
     _say(f"{archive.name}: unpacking {folder}/")
     try:
+        # pooch's Untar filters members on Python 3.12+ only: check them on every version.
         with tarfile.open(archive) as tar:
-            # The "data" filter refuses links and paths out of the folder (Python 3.10.12+).
-            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-            tar.extractall(staging, **safe)
+            for member in tar:
+                path = PurePosixPath(member.name)
+                inside = not path.is_absolute() and ".." not in path.parts
+                if not (inside and (member.isfile() or member.isdir())):
+                    raise DownloadError(
+                        f"{archive} holds {member.name!r}, not a file or folder at a relative path "
+                        "without '..', as the official file's are: nothing was unpacked. Delete "
+                        "it and run again."
+                    )
+        staging.mkdir()
+        pooch.Untar(extract_dir=staging.name)(str(archive), "download", None)
         if not (staging / folder).is_dir():
             raise DownloadError(f"{archive} holds no {folder}/ folder; delete it and run again.")
         (staging / folder).rename(root / folder)
@@ -332,7 +370,9 @@ def _unpack(archive: Path, folder: str) -> None:
 
 @contextmanager
 def _locked(root: Path) -> Iterator[None]:
+    """Holds the root's lock, with pooch's log (which would show URLs) quiet."""
     lock = FileLock(root / LOCK_FILE)
+    _no_link(Path(lock.lock_file))
     try:
         try:
             lock.acquire(timeout=0)
@@ -344,9 +384,13 @@ def _locked(root: Path) -> Iterator[None]:
             f"cannot create the lock file {lock.lock_file} ({err.strerror or err}); the root "
             "must be writable."
         ) from err
+    logger = pooch.get_logger()
+    level = logger.level
+    logger.setLevel(logging.WARNING)
     try:
         yield
     finally:
+        logger.setLevel(level)
         lock.release()
 
 
@@ -357,8 +401,9 @@ def _mirror(mirror: str | None) -> str | None:
     parts = urlsplit(mirror)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise DownloadError(
-            f"the mirror must be an http:// or https:// URL, got {mirror!r} (from --mirror or "
-            f"{MIRROR_ENV}); files already on disk need no mirror: put them in the root."
+            f"the mirror must be an http:// or https:// URL, got {_shown(mirror)!r} (from "
+            f"--mirror or {MIRROR_ENV}); files already on disk need no mirror: put them in the "
+            "root."
         )
     return mirror.rstrip("/")
 
@@ -398,8 +443,7 @@ def download(
     except OSError as err:
         raise DownloadError(f"cannot create {root} ({err.strerror or err}).") from err
     with _locked(root):
-        if dataset.unpack is not None and (root / dataset.unpack).is_dir():
-            _say(f"{root / dataset.unpack} is already here.")
+        if dataset.unpack is not None and _unpacked(root / dataset.unpack, dataset.members):
             return root
         for source in dataset.sources:
             url = source.url if base is None else f"{base}/{key}/{source.file}"
@@ -434,11 +478,9 @@ def main(argv: list[str] | None = None) -> int:
         epilog=_listing(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    names = [*DATASETS, *ALIASES, *UNAVAILABLE]
     parser.add_argument(
-        "name",
-        metavar="NAME",
-        choices=[*DATASETS, *ALIASES, *UNAVAILABLE],
-        help=f"the data set: {', '.join([*DATASETS, *ALIASES, *UNAVAILABLE])}",
+        "name", metavar="NAME", choices=names, help=f"the data set: {', '.join(names)}"
     )
     parser.add_argument(
         "--root",

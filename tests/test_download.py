@@ -8,6 +8,7 @@ the shipped data sets' pinned hashes live in by default.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import fcntl
 import hashlib
@@ -25,6 +26,7 @@ import tarfile
 import termios
 import threading
 import time
+import traceback
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -103,7 +105,7 @@ def tar_gz(members: dict[str, bytes]) -> bytes:
     return buffer.getvalue()
 
 
-def cifar_tarball() -> bytes:
+def cifar_members() -> dict[str, bytes]:
     """cifar-100-python/{train,test,meta}: the real pickles' keys, 2 + 1 images per class."""
     fine_names = sorted(name for names in CIFARFS_CLASSES.values() for name in names)
     coarse_names = sorted(name for names in FC100_SUPERCLASSES.values() for name in names)
@@ -123,11 +125,12 @@ def cifar_tarball() -> bytes:
             b"coarse_label_names": [n.encode() for n in coarse_names],
         }
     )
-    return tar_gz(members)
+    return members
 
 
 ZIPS = omniglot_zips()
-TARBALL = cifar_tarball()
+MEMBERS = cifar_members()
+TARBALL = tar_gz(MEMBERS)
 
 
 class Server:
@@ -137,13 +140,15 @@ class Server:
     ``faults[path]`` (none left: serve the file): ``404``, ``500``, ``"html"`` (a quota page
     instead of the file), ``"empty"`` (an empty 200), ``"drop"`` (close the connection half-way),
     ``"stall"`` (send half, then wait for ``release``), ``"norange"`` (ignore a Range header).
-    ``requests`` records every request's path and Range header.
+    ``requests`` records every request's path and Range header, ``authorizations`` its
+    Authorization header.
     """
 
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
         self.faults: dict[str, list[int | str]] = {}
         self.requests: list[tuple[str, str | None]] = []
+        self.authorizations: list[str | None] = []
         self.delay = 0.0
         self.release = threading.Event()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
@@ -164,6 +169,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         server: Server = self.server.owner
         server.requests.append((self.path, self.headers.get("Range")))
+        server.authorizations.append(self.headers.get("Authorization"))
         queue = server.faults.get(self.path, [])
         fault = queue.pop(0) if queue else None
         body = server.files.get(self.path)
@@ -233,6 +239,7 @@ def registry(server: Server) -> dict[str, DataSet]:
         "cifar100": dataclasses.replace(
             DATASETS["cifar100"],
             sources=(Source("cifar-100-python.tar.gz", "unused", md5(TARBALL)),),
+            members=tuple((name.split("/")[1], md5(data)) for name, data in MEMBERS.items()),
         ),
         "blob": DataSet("blob", "", (Source("blob.bin", "unused", md5(BLOB)),)),
     }
@@ -409,6 +416,152 @@ def test_a_tarball_without_its_folder_leaves_nothing(server, tmp_path):
     assert files(tmp_path) == {"cifar-100-python.tar.gz"}
 
 
+def test_cifar100_into_an_empty_folder(server, tmp_path, capsys):
+    """An empty cifar-100-python/ is not "already here": it is removed and the data fetched."""
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"download cifar100 --root"):
+        CIFARFSDataModule(tmp_path)
+    download("cifar100", tmp_path, server.url, datasets=registry(server))
+    err = capsys.readouterr().err
+    assert f"{folder} was empty: removed." in err and "already here" not in err
+    assert len(server.requests) == 1 and read_cifar100(tmp_path).images.shape == (300, 3, 32, 32)
+    CIFARFSDataModule(tmp_path)  # finds the data
+    download("cifar100", tmp_path, server.url, datasets=registry(server))
+    assert f"{folder} is already here, MD5 verified." in capsys.readouterr().err
+    assert len(server.requests) == 1
+
+
+def test_cifar100_into_a_partial_folder_names_what_it_lacks(server, tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    (folder / "meta").write_bytes(MEMBERS["cifar-100-python/meta"])
+    (folder / "train").write_bytes(b"cut")
+    with pytest.raises(
+        DownloadError,
+        match=rf"{re.escape(str(folder))} does not hold the official files \(train: MD5 "
+        rf"{md5(b'cut')}; test: missing\) and was not unpacked here: move it away and run again",
+    ):
+        download("cifar100", tmp_path, server.url, datasets=registry(server))
+    assert server.requests == [] and {p.name for p in folder.iterdir()} == {"meta", "train"}
+
+
+@pytest.mark.parametrize(
+    ("name", "link", "victim"),
+    [
+        ("blob", "blob.bin.part", "file"),
+        ("blob", "blob.bin.part", "absent"),
+        ("blob", "blob.bin", "file"),
+        ("blob", LOCK_FILE, "file"),
+        ("cifar100", "cifar-100-python", "folder"),
+        ("cifar100", ".cifar-100-python.partial", "folder"),
+    ],
+)
+def test_a_link_at_a_name_the_download_writes_is_refused(server, tmp_path, name, link, victim):
+    root, target = tmp_path / "root", tmp_path / "victim"
+    root.mkdir()
+    if victim == "file":
+        target.write_bytes(b"precious")
+    elif victim == "folder":
+        target.mkdir()
+    (root / link).symlink_to(target)
+    with pytest.raises(
+        DownloadError,
+        match=rf"{re.escape(str(root / link))} is a symbolic link \(to {re.escape(str(target))}\)"
+        r", and a download writes only what it creates: remove the link and run again",
+    ):
+        download(name, root, server.url, datasets=registry(server))
+    assert (root / link).is_symlink()
+    if victim == "file":
+        assert target.read_bytes() == b"precious"
+    elif victim == "folder":
+        assert list(target.iterdir()) == []
+    else:
+        assert not target.exists()
+    # The temporary folder is checked when the verified tarball is there to unpack.
+    assert len(server.requests) == (link == ".cifar-100-python.partial")
+
+
+@pytest.mark.parametrize(
+    ("member", "kind", "linkname"),
+    [
+        ("cifar-100-python/../../../escaped", tarfile.REGTYPE, ""),
+        ("{tmp}/escaped", tarfile.REGTYPE, ""),
+        ("cifar-100-python/link", tarfile.SYMTYPE, "../../../escaped"),
+        ("cifar-100-python/hard", tarfile.LNKTYPE, "../../../escaped"),
+        ("cifar-100-python/fifo", tarfile.FIFOTYPE, ""),
+    ],
+    ids=["dot-dot", "absolute", "symlink", "hard-link", "fifo"],
+)
+def test_an_archive_member_out_of_the_root_or_not_a_file_is_refused(
+    server, tmp_path, member, kind, linkname
+):
+    member = member.format(tmp=tmp_path)
+    info = tarfile.TarInfo(member)
+    info.type, info.linkname = kind, linkname
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for name, data in MEMBERS.items():
+            regular = tarfile.TarInfo(name)
+            regular.size = len(data)
+            archive.addfile(regular, io.BytesIO(data))
+        data = b"escaped" if kind == tarfile.REGTYPE else b""
+        info.size = len(data)
+        archive.addfile(info, io.BytesIO(data))
+    tarball = buffer.getvalue()
+    server.files["/cifar100/cifar-100-python.tar.gz"] = tarball
+    datasets = registry(server)
+    source = dataclasses.replace(datasets["cifar100"].sources[0], md5=md5(tarball))
+    datasets["cifar100"] = dataclasses.replace(datasets["cifar100"], sources=(source,))
+    root = tmp_path / "data" / "cifar100"
+    with pytest.raises(
+        DownloadError,
+        match=rf"holds {re.escape(repr(member))}, not a file or folder at a relative path without "
+        r"'\.\.', as the official file's are: nothing was unpacked\. Delete it and run again",
+    ):
+        download("cifar100", root, server.url, datasets=datasets)
+    # The verified tarball stays; nothing was unpacked, in the root or out of it.
+    tarball = root / "cifar-100-python.tar.gz"
+    assert set(tmp_path.rglob("*")) == {root.parent, root, root / LOCK_FILE, tarball}
+
+
+def test_a_mirror_password_is_sent_but_never_shown(server, tmp_path, monkeypatch):
+    secret = "s3cret-Pa55word"
+    host = server.url.removeprefix("http://")
+    mirror, shown = f"http://user:{secret}@{host}", f"http://***@{host}"
+    closed = Server()
+    closed.httpd.shutdown()
+    closed.httpd.server_close()
+    dead = closed.url.replace("http://", f"http://user:{secret}@")
+    datasets = registry(server)
+    cases = [  # (fault of the first request, data set, mirror, what the message says)
+        (404, "omniglot", mirror, f"{shown}/omniglot/images_background.zip answered HTTP 404"),
+        ("html", "omniglot", mirror, f"hash mismatch for {shown}/omniglot/images_background.zip"),
+        ("drop", "blob", mirror, f"the connection to {shown}/blob/blob.bin dropped"),
+        (None, "omniglot", dead, f"cannot reach {dead.replace(f'user:{secret}', '***')}/"),
+        (None, "omniglot", f"ftp://user:{secret}@{host}", f"got 'ftp://***@{host}'"),
+    ]
+    for fault, name, url, says in cases:
+        if fault is not None:
+            server.faults[f"/{name}/{datasets[name].sources[0].file}"] = [fault]
+        with pytest.raises(DownloadError) as error:
+            download(name, tmp_path / "failed", url, datasets=datasets)
+        assert says in str(error.value)
+        assert secret not in "".join(traceback.format_exception(error.value))
+    # Sent: the server got the user and password. Shown nowhere: not on the stderr of a process
+    # of its own (where pooch's log would go), nor on a terminal's progress bar.
+    process = start("blob", tmp_path / "ok", registry(server), mirror)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    credentials = base64.b64encode(f"user:{secret}".encode()).decode()
+    assert server.authorizations[-1] == f"Basic {credentials}"
+    assert secret not in err and f"blob.bin: downloading {shown}/blob/blob.bin" in err
+    terminal = on_a_terminal(
+        monkeypatch, lambda: download("blob", tmp_path / "tty", mirror, datasets=datasets)
+    )
+    assert b"blob.bin: 100%" in terminal and secret.encode() not in terminal
+
+
 def test_miniimagenet_says_how_to_get_it(tmp_path):
     with pytest.raises(
         DownloadError, match=r"no official redistributable file.*learn2learn.*meta-learning-lstm"
@@ -442,13 +595,13 @@ def test_progress_bar_is_quiet_when_not_a_terminal(server, tmp_path, capsys):
     assert "\r" not in err and "B/s" not in err
 
 
-def test_progress_bar_on_a_terminal(server, tmp_path, monkeypatch):
+def on_a_terminal(monkeypatch, run) -> bytes:
+    """What ``run()`` shows on a terminal of 24 rows and 100 columns (tqdm sizes its bar to it)."""
     primary, secondary = pty.openpty()
-    # A terminal of 24 rows and 100 columns: tqdm sizes the bar to it.
     fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
-    with open(secondary, "w") as terminal:
-        monkeypatch.setattr(sys, "stderr", terminal)
-        download("blob", tmp_path, server.url, datasets=registry(server))
+    with open(secondary, "w") as terminal, monkeypatch.context() as patch:
+        patch.setattr(sys, "stderr", terminal)
+        run()
     shown = b""
     os.set_blocking(primary, False)
     while True:
@@ -458,6 +611,13 @@ def test_progress_bar_on_a_terminal(server, tmp_path, monkeypatch):
             break
         shown += chunk
     os.close(primary)
+    return shown
+
+
+def test_progress_bar_on_a_terminal(server, tmp_path, monkeypatch):
+    shown = on_a_terminal(
+        monkeypatch, lambda: download("blob", tmp_path, server.url, datasets=registry(server))
+    )
     assert b"blob.bin: 100%" in shown and b"1.00M/1.00M" in shown and b"B/s" in shown
 
 
@@ -476,7 +636,10 @@ DataSet, DownloadError, Source, download = (
 )
 name, root, datasets, limit, barrier = json.loads(sys.argv[2])
 datasets = {
-    key: DataSet(d["title"], d["size"], tuple(Source(**s) for s in d["sources"]), d["unpack"])
+    key: DataSet(
+        d["title"], d["size"], tuple(Source(**s) for s in d["sources"]), d["unpack"],
+        tuple(map(tuple, d["members"])),
+    )
     for key, d in datasets.items()
 }
 if barrier:
