@@ -97,17 +97,8 @@ class VariantPlan:
     Each rounded size comes with the raw value it was rounded up from (``raw_...``).
 
     Attributes:
-        constants: The variant's constants.
-        shared: The shared constants.
-        L: Smoothness of the task losses.
-        rho: Lipschitz constant of the task Hessians.
-        sigma: Task-gradient spread.
-        sigma_tilde: Within-task gradient spread.
-        sigma_H: Within-task Hessian spread.
-        inner_lr: The inner step size alpha.
-        eps: The target ``E||grad F|| <= eps``.
-        Delta: ``F(w_0) - min F``.
-        iteration_constant: The O(1) factor of the iteration bound.
+        constants, shared, L, rho, sigma, sigma_tilde, sigma_H, inner_lr, eps, Delta,
+            iteration_constant: The inputs, as :func:`compute_plan` takes them.
         inner_lr_max: The largest inner_lr the theorem covers.
         floor_sqrt: The square-root term of the bound with infinite batches.
         floor_linear: Its linear term with infinite batches.
