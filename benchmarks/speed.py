@@ -16,6 +16,9 @@ Usage::
     python benchmarks/speed.py --setup omniglot --compile --bf16 --variants MAML FOMAML HFMAML
     python benchmarks/speed.py --setup omniglot --variants family loop-MAML --inner-steps 1 5
 
+The rows are the variants' own, as the registry lists them (``lightning_maml.variants``: a
+registered variant brings its rows), and the two reference loops.
+
 Peak memory is what the allocator holds at its highest during one step beyond what was held
 before it (model, data): ``torch.cuda.max_memory_allocated`` on a GPU, and on a CPU the
 allocator's running total as the torch profiler's memory events report it.
@@ -43,35 +46,34 @@ from torch._C._profiler import _EventType
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_maml import FOMAML, HFMAML, MAML, MetaAlgorithm, TaskBatch
-from lightning_maml.algorithms import MAMLPlusPlus, Reptile
+from lightning_maml import MetaAlgorithm, TaskBatch
 from lightning_maml.functional import mse_loss
-from lightning_maml.inner import ANIL, BOIL, MetaSGD, PerStepRates
 from lightning_maml.models import MLP, ConvNet
+from lightning_maml.variants import SpeedRow, Variant, variants
 
-#: Variant name -> (class, extra arguments). Inner updates are factories: an update is bound to
-#: one model, and each row gets its own.
-ALGORITHMS: dict[str, tuple[type[MetaAlgorithm], dict]] = {
-    "MAML": (MAML, {}),
-    "MAML-recursion": (MAML, {"backward": "recursion"}),
-    "MAML-recursion-fwd": (MAML, {"backward": "recursion", "hvp": "forward"}),
-    "FOMAML": (FOMAML, {}),
-    "HFMAML": (HFMAML, {}),
-    "HFMAML-forward": (HFMAML, {"hvp": "forward"}),
-    "ANIL": (MAML, {"inner_update": ANIL}),
-    "BOIL": (MAML, {"inner_update": BOIL}),
-    "MetaSGD": (MAML, {"inner_update": MetaSGD}),
-    "PerStepRates": (MAML, {"inner_update": PerStepRates}),
-    "MAML++": (MAMLPlusPlus, {}),
-    "Reptile": (Reptile, {}),
-}
-#: The family's rows, run by ``--variants family``.
-FAMILY = ["MAML", "FOMAML", "ANIL", "BOIL", "MetaSGD", "PerStepRates", "MAML++", "Reptile"]
-VARIANTS = [*ALGORITHMS, "loop-MAML", "loop-FOMAML"]
+#: The reference rows: the clone-and-adapt loop, second or first order (the value).
+LOOPS = {"loop-MAML": False, "loop-FOMAML": True}
+#: The memory sweep's rows, by label.
 SWEEP_VARIANTS = ["MAML", "MAML-recursion", "MAML-recursion-fwd", "HFMAML", "FOMAML"]
 SWEEP_STEPS = [1, 5, 20, 50]
 #: Goals of the memory sweep: MAML by recursion against FO-MAML's peak and HF-MAML's time.
 MEMORY_GOAL, TIME_GOAL = 1.3, 1.2
+
+
+def rows() -> dict[str, tuple[Variant, SpeedRow]]:
+    """Every registered variant's rows by label (read when asked: a variant registered after
+    this module was imported has its rows too)."""
+    return {row.label: (variant, row) for variant in variants() for row in variant.speed_rows}
+
+
+def family() -> list[str]:
+    """The rows of ``--variants family``."""
+    return [label for label, (_, row) in rows().items() if row.family]
+
+
+def choices() -> list[str]:
+    """Every row ``--variants`` takes: the variants' and the reference loops."""
+    return [*rows(), *LOOPS]
 
 
 def make_setup(name: str, device: torch.device, meta_batch_size: int | None):
@@ -123,11 +125,19 @@ def loop_step(
         (loss_fn(learner(batch.query_x[i]), batch.query_y[i]) / batch.num_tasks).backward()
 
 
-def make_algorithm(variant: str, inner_lr: float, steps: int, args) -> MetaAlgorithm:
+def make_algorithm(
+    label: str, inner_lr: float, steps: int, args, model: nn.Module
+) -> MetaAlgorithm:
+    """The algorithm of row ``label``, with a fresh inner update (an update is bound to one
+    model, and each row gets its own) built for ``model``."""
     chunk = "auto" if args.chunk is None else (None if args.chunk == 0 else args.chunk)
-    cls, extra = ALGORITHMS[variant]
-    extra = {k: v() if k == "inner_update" else v for k, v in extra.items()}
-    return cls(inner_lr, inner_steps=steps, task_chunk_size=chunk, compile=args.compile, **extra)
+    variant, row = rows()[label]
+    update = row.inner_update(model) if row.inner_update else variant.new_inner_update()
+    options = dict(row.options)
+    if update is not None:
+        options["inner_update"] = update
+    cls = row.algorithm or variant.algorithm
+    return cls(inner_lr, inner_steps=steps, task_chunk_size=chunk, compile=args.compile, **options)
 
 
 def autocast(args) -> contextlib.AbstractContextManager:
@@ -135,17 +145,13 @@ def autocast(args) -> contextlib.AbstractContextManager:
     return torch.autocast(torch.device(args.device).type, torch.bfloat16, enabled=args.bf16)
 
 
-def step_fn(variant: str, model, loss_fn, batch, inner_lr, steps, args) -> Callable[[], None]:
-    if variant.startswith("loop-"):
-        first_order = variant == "loop-FOMAML"
+def step_fn(label: str, model, loss_fn, batch, inner_lr, steps, args) -> Callable[[], None]:
+    """One meta-step of row ``label``, ready to be timed."""
+    if label in LOOPS:
+        first_order = LOOPS[label]
         step = functools.partial(loop_step, model, loss_fn, batch, inner_lr, steps, first_order)
     else:
-        algorithm = make_algorithm(variant, inner_lr, steps, args)
-        if variant == "MAML++" and not any(
-            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
-        ):
-            # The MLP has no BatchNorm for MAML++'s per-step BatchNorm weights.
-            algorithm.inner_update = PerStepRates(batch_norm=False)
+        algorithm = make_algorithm(label, inner_lr, steps, args, model)
         algorithm.bind(model)
         step = functools.partial(algorithm.meta_gradient, model, loss_fn, batch)
 
@@ -215,12 +221,11 @@ def measure_block(args, variants: list[str], steps: int) -> list[dict]:
 
 
 def print_block(rows: list[dict]) -> None:
-    loops = {r["variant"][5:]: r["ms"] for r in rows if r["variant"].startswith("loop-")}
+    # A row is compared with the loop of its own name (FOMAML), the others with MAML's.
+    loops = {r["variant"].removeprefix("loop-"): r["ms"] for r in rows if r["variant"] in LOOPS}
     for row in rows:
-        base = loops.get("FOMAML" if row["variant"] == "FOMAML" else "MAML")
-        row["speedup_vs_loop"] = (
-            base / row["ms"] if base and not row["variant"].startswith("loop") else None
-        )
+        base = loops.get(row["variant"], loops.get("MAML"))
+        row["speedup_vs_loop"] = base / row["ms"] if base and row["variant"] not in LOOPS else None
         ratio = f"{row['speedup_vs_loop']:.2f}x" if row["speedup_vs_loop"] else ""
         print(
             f"{row['variant']:<20}{row['inner_steps']:>6}{row['ms']:>10.1f}{row['median_ms']:>10.1f}"
@@ -286,7 +291,7 @@ def measure_trainer(args, variant: str, steps: int) -> dict:
         def train_dataloader(self):
             return torch.utils.data.DataLoader(Repeat(), batch_size=None)
 
-    algorithm = make_algorithm(variant, inner_lr, steps, args)
+    algorithm = make_algorithm(variant, inner_lr, steps, args, model)
     n = args.warmup + args.repeats
     learner = MetaLearner(model, algorithm, loss_fn)
     trainer = L.Trainer(
@@ -387,7 +392,8 @@ def measure_recipe(args, recipe: Path) -> dict:
     return {"recipe": str(recipe), "loop_ms": min(loop), "bare_ms": min(bare)}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with ``--variants`` expanded and the defaults of the chosen mode."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--setup", default="sinusoid", choices=["sinusoid", "omniglot"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -396,8 +402,8 @@ def main() -> None:
         "--variants",
         nargs="+",
         default=None,
-        choices=[*VARIANTS, "family"],
-        help="rows to measure; 'family' for the MAML family's (FAMILY)",
+        choices=[*choices(), "family"],
+        help=f"rows to measure; 'family' for the MAML family's ({', '.join(family())})",
     )
     parser.add_argument("--meta-batch-size", type=int, default=None)
     parser.add_argument("--chunk", type=int, default=None, help="task_chunk_size; 0 = all tasks")
@@ -437,9 +443,7 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (bf16-mixed)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--output", type=Path, default=None, help="write the rows as JSON")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parser.parse_args(argv)
     if args.memory_sweep:
         args.setup = "omniglot"
         args.variants = args.variants or SWEEP_VARIANTS
@@ -447,10 +451,17 @@ def main() -> None:
         if args.meta_batch_size is None and args.device == "cpu":
             args.meta_batch_size = 4
     if args.variants and "family" in args.variants:
-        args.variants = [*FAMILY, *(v for v in args.variants if v not in [*FAMILY, "family"])]
-    args.variants = args.variants or VARIANTS
+        members = family()
+        args.variants = [*members, *(v for v in args.variants if v not in [*members, "family"])]
+    args.variants = args.variants or choices()
     args.inner_steps = args.inner_steps or [1]
+    return args
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(
         f"setup={args.setup} device={args.device} torch={torch.__version__} "
         f"threads={torch.get_num_threads()} meta_batch={args.meta_batch_size or 'default'} "
@@ -475,7 +486,7 @@ def main() -> None:
             print_block(block)
             rows += block
             if args.trainer:
-                for variant in [v for v in args.variants if not v.startswith("loop")]:
+                for variant in [v for v in args.variants if v not in LOOPS]:
                     t = measure_trainer(args, variant, steps)
                     overhead = t["trainer_ms"] / t["direct_ms"] - 1
                     print(

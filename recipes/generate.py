@@ -1,9 +1,12 @@
 """Writes the image-classification recipes: recipes/<benchmark>/<variant>_<ways>w<shots>s[_ddp].yaml.
 
-The Omniglot, mini-ImageNet, CIFAR-FS and FC100 recipes are generated from the tables below, so
-that they stay consistent: MAML, FO-MAML and HF-MAML on every benchmark, and ANIL, Meta-SGD and
-MAML++ with their papers' settings on Omniglot and mini-ImageNet 5-way 1-shot. Edit this script,
-not the YAML, and run
+The Omniglot, mini-ImageNet, CIFAR-FS and FC100 recipes are generated, so that they stay
+consistent: each benchmark's setting is in the tables below (Finn et al.'s where they exist), and
+each variant's recipes, with the changes its paper makes to that setting, are in its entry of the
+variant registry (``lightning_maml/variants.py``, ``Variant.recipes``): MAML, FO-MAML and HF-MAML
+on every benchmark, the other members of the family where their papers report a setting. A
+registered variant gets its recipes here with no change to this script. Edit the tables or the
+registry, not the YAML, and run
 
     python recipes/generate.py           # rewrite the recipes
     python recipes/generate.py --check   # exit 1 if a recipe differs from what this writes
@@ -14,30 +17,37 @@ not the YAML, and run
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-RECIPES = Path(__file__).resolve().parent
+import yaml
 
-VARIANTS = {
-    "maml": ("MAML", "MAML (second-order meta-gradient, Finn et al. 2017)"),
-    "fomaml": ("FOMAML", "first-order MAML (no Hessian terms, Finn et al. 2017)"),
-    "hfmaml": (
-        "HFMAML",
-        "Hessian-free MAML (finite-difference Hessian-vector products, Fallah et al. 2020)",
-    ),
+RECIPES = Path(__file__).resolve().parent
+# This checkout's package, whichever directory the script is run from.
+sys.path.insert(0, str(RECIPES.parent))
+
+import lightning_maml  # noqa: E402
+from lightning_maml.variants import Recipe, Variant, get, variants  # noqa: E402
+
+#: The datamodule class of each benchmark, as the recipes name it.
+DATAMODULES = {
+    "omniglot": "datamodules.OmniglotDataModule",
+    "miniimagenet": "datamodules.MiniImageNetDataModule",
+    "cifarfs": "datamodules.CIFARFSDataModule",
+    "fc100": "datamodules.FC100DataModule",
 }
+#: The learner's meta-optimizer unless a variant's recipe says otherwise.
+ADAM = {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.001}}
 
 
 @dataclass(frozen=True)
 class Setting:
     """One benchmark at one ways/shots: everything a recipe needs."""
 
-    benchmark: str  # folder name under recipes/
+    benchmark: str  # folder name under recipes/, and the key of DATAMODULES
     title: str
-    datamodule: str
     root: str
     data_lines: tuple[str, ...]  # header lines on where to get the data
     source_lines: tuple[str, ...]  # header lines on where the settings come from
@@ -56,8 +66,6 @@ class Setting:
     val_check_interval: int = 1000
     extra_data: tuple[tuple[str, object], ...] = ()
     download: bool = True  # mini-ImageNet has no official file to download
-    algorithm_lines: tuple[str, ...] = ()  # more init_args of the algorithm (indented 6)
-    scheduler_lines: tuple[str, ...] = ()  # the learner's lr_scheduler block (indented 2)
 
     @property
     def shape(self) -> str:
@@ -106,7 +114,6 @@ def omniglot(ways: int, shots: int) -> Setting:
     return Setting(
         benchmark="omniglot",
         title="Omniglot",
-        datamodule="datamodules.OmniglotDataModule",
         root="data/omniglot",
         data_lines=OMNIGLOT_DATA,
         source_lines=(
@@ -131,7 +138,6 @@ def miniimagenet(ways: int, shots: int) -> Setting:
     return Setting(
         benchmark="miniimagenet",
         title="mini-ImageNet",
-        datamodule="datamodules.MiniImageNetDataModule",
         root="data/miniimagenet",
         data_lines=MINI_DATA,
         source_lines=(f"{FINN}.",),
@@ -149,21 +155,26 @@ def miniimagenet(ways: int, shots: int) -> Setting:
     )
 
 
+#: CIFAR-FS and FC100: title, the first data line, and who report MAML on them.
+CIFAR = {
+    "cifarfs": (
+        "CIFAR-FS",
+        "Data: CIFAR-FS (Bertinetto et al. 2019; 64/16/20 CIFAR-100 classes), cut from CIFAR-100",
+        "Bertinetto et al. 2019",
+    ),
+    "fc100": (
+        "FC100",
+        "Data: FC100 (Oreshkin et al. 2018; 12/4/4 CIFAR-100 superclasses), cut from CIFAR-100",
+        "Sun et al. 2019 (MTL)",
+    ),
+}
+
+
 def cifar(benchmark: str, ways: int, shots: int) -> Setting:
-    if benchmark == "cifarfs":
-        title, datamodule = "CIFAR-FS", "datamodules.CIFARFSDataModule"
-        first = "Data: CIFAR-FS (Bertinetto et al. 2019; 64/16/20 CIFAR-100 classes), cut from CIFAR-100"
-        paper = "Bertinetto et al. 2019"
-    else:
-        title, datamodule = "FC100", "datamodules.FC100DataModule"
-        first = (
-            "Data: FC100 (Oreshkin et al. 2018; 12/4/4 CIFAR-100 superclasses), cut from CIFAR-100"
-        )
-        paper = "Sun et al. 2019 (MTL)"
+    title, first, paper = CIFAR[benchmark]
     return Setting(
         benchmark=benchmark,
         title=title,
-        datamodule=datamodule,
         root="data/cifar100",
         data_lines=(first, *CIFAR_DATA),
         source_lines=tuple(line.format(paper=paper) for line in CIFAR_GUESS),
@@ -180,253 +191,206 @@ def cifar(benchmark: str, ways: int, shots: int) -> Setting:
     )
 
 
-ANIL_SOURCE = (
-    "Settings: Raghu et al. 2020 (ANIL) keep MAML's (Finn et al. 2017), the head adapting alone.",
-)
-METASGD_SOURCE = (
-    "Settings: Li et al. 2017 (Meta-SGD): one inner step with a learned step size per parameter",
-    "          element, otherwise MAML's (Finn et al. 2017); the step sizes start at inner_lr here",
-    "          (Li et al. draw them in [0.005, 0.1]).",
-)
-MAMLPP_SOURCE = (
-    "Settings: Antoniou et al. 2019 (MAML++), as in the authors' released configuration:",
-    "          5 inner steps with learned per-layer per-step step sizes and per-step BatchNorm",
-    "          weights, the multi-step loss over the first 10 epochs of 500 steps (at least",
-    "          0.01 / k per step), second order throughout.",
-)
-
-
-def anil(s: Setting) -> Setting:
-    return replace(
-        s,
-        source_lines=ANIL_SOURCE,
-        algorithm_lines=("inner_update:", "  class_path: lightning_maml.ANIL"),
-    )
-
-
-def meta_sgd(s: Setting) -> Setting:
-    return replace(
-        s,
-        source_lines=METASGD_SOURCE,
-        inner_steps=1,
-        eval_inner_steps=1,
-        algorithm_lines=("inner_update:", "  class_path: lightning_maml.MetaSGD"),
-    )
-
-
-def maml_plus_plus(s: Setting) -> Setting:
-    omniglot = s.benchmark == "omniglot"
-    steps = 50000
-    return replace(
-        s,
-        source_lines=MAMLPP_SOURCE
-        + (
-            ("          Cosine annealing of the meta learning rate to 1e-5.",)
-            if omniglot
-            else ("          A constant meta learning rate (the configuration's minimum is 1e-3).",)
-        ),
-        query_shots=1 if omniglot else 15,
-        hidden=64 if omniglot else 48,
-        inner_lr=0.1 if omniglot else 0.01,
-        inner_steps=5,
-        eval_inner_steps=5,
-        meta_batch_size=8 if omniglot else 2,
-        ddp_devices=8 if omniglot else 2,
-        max_steps=steps,
-        algorithm_lines=(
-            f"multi_step_loss_steps: {10 * 500 if omniglot else 15 * 500}",
-            "first_order_steps: 0",
-            "min_step_weight: 0.01",
-            "inner_update:",
-            "  class_path: lightning_maml.PerStepRates",
-            "  init_args:",
-            "    batch_norm: true",
-        ),
-        scheduler_lines=(
-            (
-                "lr_scheduler:",
-                "  class_path: torch.optim.lr_scheduler.CosineAnnealingLR",
-                "  init_args:",
-                f"    T_max: {steps}",
-                "    eta_min: 1.0e-05",
-            )
-            if omniglot
-            else ()
-        ),
-    )
-
-
-#: Where the other members of the family have recipes.
-FAMILY_SETTINGS = {("omniglot", "5w1s"), ("miniimagenet", "5w1s")}
-#: The other members of the family: name -> (algorithm class, description, setting change),
-#: each on Omniglot and mini-ImageNet 5-way 1-shot.
-FAMILY: dict[str, tuple[str, str, Callable[[Setting], Setting]]] = {
-    "anil": ("MAML", "ANIL (only the head adapts, Raghu et al. 2020)", anil),
-    "metasgd": ("MAML", "Meta-SGD (learned per-parameter step sizes, Li et al. 2017)", meta_sgd),
-    "mamlpp": ("MAMLPlusPlus", "MAML++ (Antoniou et al. 2019)", maml_plus_plus),
-}
-
-
 def settings() -> list[Setting]:
     found = [omniglot(w, s) for w in (5, 20) for s in (1, 5)]
     found += [miniimagenet(5, s) for s in (1, 5)]
-    found += [cifar(b, 5, s) for b in ("cifarfs", "fc100") for s in (1, 5)]
+    found += [cifar(b, 5, s) for b in CIFAR for s in (1, 5)]
     return found
 
 
-def _value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
+def class_path(cls: type) -> str:
+    """How a recipe names a class: through the package's front door where it is exported."""
+    if getattr(lightning_maml, cls.__name__, None) is cls:
+        return f"lightning_maml.{cls.__name__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _num(value: float) -> str:
-    return f"{value:g}"
+def adapted(s: Setting, variant: Variant, recipe: Recipe) -> Setting:
+    """The benchmark's setting with the changes of the variant's recipe."""
+    known = {f.name for f in fields(Setting)}
+    unknown = sorted(set(recipe.setting) - known)
+    if unknown:
+        raise ValueError(
+            f"Variant {variant.name!r}: Recipe(setting=...) names {unknown}, which recipes/"
+            f"generate.py's Setting does not have; use some of {sorted(known)}."
+        )
+    s = replace(s, **recipe.setting)
+    return replace(s, source_lines=recipe.source) if recipe.source else s
 
 
-def recipe(s: Setting, variant: str, ddp: bool) -> tuple[str, str]:
-    """The path (relative to recipes/) and text of one recipe."""
-    if variant in FAMILY:
-        cls, description, change = FAMILY[variant]
-        s = change(s)
-    else:
-        cls, description = VARIANTS[variant]
-    name = f"{variant}_{s.shape}{'_ddp' if ddp else ''}.yaml"
-    path = f"{s.benchmark}/{name}"
-    base = f"recipes/{s.benchmark}/{variant}_{s.shape}.yaml"
-    me = f"recipes/{path}"
+def nodes(s: Setting) -> int | None:
+    """GPUs per node of a two-node launch: as many as keep the meta-batch divisible by all of
+    them together (None: no two-node launch does)."""
+    for per_node in (s.ddp_devices, s.ddp_devices // 2):
+        if per_node >= 1 and s.meta_batch_size % (2 * per_node) == 0:
+            return per_node
+    return None
+
+
+def header(s: Setting, variant: Variant, recipe: Recipe, ddp: bool) -> list[str]:
+    """The recipe's opening comment: what it runs, from where, and how to launch it."""
+    base = f"recipes/{s.benchmark}/{variant.name}_{s.shape}.yaml"
+    me = base.replace(".yaml", "_ddp.yaml") if ddp else base
     per_device = s.meta_batch_size // s.ddp_devices
-    # Two nodes: as many GPUs each as keeps the meta-batch divisible by all of them together.
-    node = s.ddp_devices if s.meta_batch_size % (2 * s.ddp_devices) == 0 else s.ddp_devices // 2
-    nodes = " --trainer.num_nodes 2" + (
-        f" --trainer.devices {node}" if node != s.ddp_devices else ""
-    )
-    steps = (
-        f"inner_lr {_num(s.inner_lr)}, {s.inner_steps} inner step{'s' if s.inner_steps > 1 else ''}"
-    )
+    steps = f"inner_lr {s.inner_lr:g}, {s.inner_steps} inner step{'s' if s.inner_steps > 1 else ''}"
     lines = [
-        f"# {s.title} {s.ways}-way {s.shots}-shot classification with {description}"
+        f"{s.title} {s.ways}-way {s.shots}-shot classification with {variant.description or variant.title}"
         + (f", on {s.ddp_devices} GPUs with DDP." if ddp else "."),
-        f"# ConvNet ({s.in_channels}-channel {s.image_size}x{s.image_size} input, 4 blocks of {s.hidden} filters);"
+        f"ConvNet ({s.in_channels}-channel {s.image_size}x{s.image_size} input, 4 blocks of {s.hidden} filters);"
         f" {steps} ({s.eval_inner_steps} at test);",
-        f"# meta-batch {s.meta_batch_size} tasks; {s.query_shots} query image{'s' if s.query_shots > 1 else ''}"
-        f" per class; Adam 1e-3{' (cosine-annealed)' if s.scheduler_lines else ''};"
-        f" {s.max_steps:,} meta-steps; tested on 600 tasks.",
-        *(f"# {line}" for line in s.source_lines),
-        *(f"# {line}" for line in s.data_lines),
+        f"meta-batch {s.meta_batch_size} tasks; {s.query_shots} query image{'s' if s.query_shots > 1 else ''}"
+        f" per class; {recipe.optimizer_text}; {s.max_steps:,} meta-steps; tested on 600 tasks.",
+        *s.source_lines,
+        *recipe.notes,
+        *s.data_lines,
     ]
     if ddp:
+        node = nodes(s)
+        several = " --trainer.num_nodes 2" + (
+            f" --trainer.devices {node}" if node != s.ddp_devices else ""
+        )
         lines += [
-            f"# meta_batch_size is global: the {s.meta_batch_size} tasks of a step are split over the"
+            f"meta_batch_size is global: the {s.meta_batch_size} tasks of a step are split over the"
             f" {s.ddp_devices} GPUs ({per_device} each),",
-            f"# so the run optimises exactly as {base} does"
+            f"so the run optimises exactly as {base} does"
             + (
                 f" ({s.ddp_devices} GPUs, not 8: the meta-batch of {s.meta_batch_size} must divide evenly)."
                 if s.ddp_devices != 8
                 else "."
             ),
-            f"# One node:       lightning-maml fit --config {me}",
-            f"# Several nodes:  torchrun --nnodes 2 --nproc_per_node {node} --rdzv_backend c10d"
-            " --rdzv_endpoint HOST:29500 \\",
-            f"#                   -m lightning_maml.cli fit --config {me}{nodes}",
-            f"#                 or, under SLURM (#SBATCH --nodes=2 --ntasks-per-node={node}"
-            f" --gres=gpu:{node}):",
-            f"#                   srun lightning-maml fit --config {me}{nodes}",
-            '#                 (README.md, "Several devices"; the devices of all nodes together must divide'
-            " meta_batch_size)",
+            f"One node:       lightning-maml fit --config {me}",
         ]
+        if node is None:
+            lines.append(
+                f"Several nodes:  none: the meta-batch of {s.meta_batch_size} tasks does not split"
+                " evenly over two nodes."
+            )
+        else:
+            lines += [
+                f"Several nodes:  torchrun --nnodes 2 --nproc_per_node {node} --rdzv_backend c10d"
+                " --rdzv_endpoint HOST:29500 \\",
+                f"                  -m lightning_maml.cli fit --config {me}{several}",
+                f"                or, under SLURM (#SBATCH --nodes=2 --ntasks-per-node={node}"
+                f" --gres=gpu:{node}):",
+                f"                  srun lightning-maml fit --config {me}{several}",
+                '                (README.md, "Several devices"; the devices of all nodes together must divide'
+                " meta_batch_size)",
+            ]
     else:
         lines += [
-            f"# Single device:  lightning-maml fit --config {me}",
-            f"# Multi-GPU:      lightning-maml fit --config {me.replace('.yaml', '_ddp.yaml')}"
+            f"Single device:  lightning-maml fit --config {me}",
+            f"Multi-GPU:      lightning-maml fit --config {me.replace('.yaml', '_ddp.yaml')}"
             f"  (DDP on {s.ddp_devices} GPUs, same meta-batch)",
         ]
-    lines += [
-        f"# Override:       lightning-maml fit --config {me} --data.init_args.root /path/to/data",
-        f"# Test a checkpoint: lightning-maml test --config {me} --ckpt_path PATH.ckpt",
-        "#                 (prints the test accuracy with its 95% interval over the test tasks)",
-        "seed_everything: 0",
-        "trainer:",
+    return [
+        *lines,
+        f"Override:       lightning-maml fit --config {me} --data.init_args.root /path/to/data",
+        f"Test a checkpoint: lightning-maml test --config {me} --ckpt_path PATH.ckpt",
+        "                (prints the test accuracy with its 95% interval over the test tasks)",
     ]
-    if ddp:
-        lines += [
-            "  accelerator: gpu",
-            f"  devices: {s.ddp_devices}",
-            "  strategy: ddp",
-        ]
-    lines += [
-        f"  max_steps: {s.max_steps}",
-        f"  val_check_interval: {s.val_check_interval}",
-        "  check_val_every_n_epoch: null",
-        "  log_every_n_steps: 50",
-        "  logger:",
-        "    class_path: lightning.pytorch.loggers.WandbLogger",
-        "    init_args:",
-        "      project: lightning-maml",
-        "      save_dir: runs",
-        f"      group: {s.benchmark}",
-        f"      tags: [{s.benchmark}, {s.shape}]  # the CLI adds the variant's tag",
-        "  callbacks:",
-        "    - class_path: lightning_maml.callbacks.ModelCheckpoint",
-        "      init_args:",
-        "        monitor: val/accuracy",
-        "        mode: max",
-        "        save_last: true",
-        "    - class_path: lightning_maml.callbacks.GradNormMonitor",
-        "      init_args:",
-        "        group_by: layer",
-        "model:",
-        "  model:",
-        "    class_path: lightning_maml.models.ConvNet",
-        "    init_args:",
-        f"      in_channels: {s.in_channels}",
-        f"      ways: {s.ways}",
-        f"      hidden: {s.hidden}",
-        f"      image_size: {s.image_size}",
-        "  algorithm:",
-        f"    class_path: lightning_maml.{cls}",
-        "    init_args:",
-        f"      inner_lr: {_num(s.inner_lr)}",
-        f"      inner_steps: {s.inner_steps}",
-    ]
-    if variant == "hfmaml":
-        # ReLU and max-pool kinks, not rounding or curvature, set the finite difference's
-        # error on these nets; it was lowest near 0.3 (benchmarks/README.md).
-        lines.append("      delta_scale: 0.3  # see benchmarks/README.md, gradient fidelity")
-    lines += [f"      {line}" for line in s.algorithm_lines]
-    lines += [
-        "  loss: cross_entropy",
-        "  meta_optimizer:",
-        "    class_path: torch.optim.Adam",
-        "    init_args:",
-        "      lr: 0.001",
-        *(f"  {line}" for line in s.scheduler_lines),
-        f"  eval_inner_steps: {s.eval_inner_steps}",
-        "data:",
-        f"  class_path: {s.datamodule}",
-        "  init_args:",
-        f"    root: {s.root}",
-        *(["    download: true"] if s.download else []),
-        f"    ways: {s.ways}",
-        f"    shots: {s.shots}",
-        f"    query_shots: {s.query_shots}",
-        "    hessian_shots: 0",
-        f"    meta_batch_size: {s.meta_batch_size}",
-        *(f"    {key}: {_value(value)}" for key, value in s.extra_data),
-        "    seed: 0",
-        "    num_val_tasks: 100",
-        "    num_test_tasks: 600",
-        "    num_workers: 2",
-    ]
-    return path, "\n".join(lines) + "\n"
+
+
+def config(s: Setting, variant: Variant, recipe: Recipe, ddp: bool) -> dict:
+    """The recipe's content: what ``lightning-maml fit --config`` reads."""
+    distribution = {"accelerator": "gpu", "devices": s.ddp_devices, "strategy": "ddp"}
+    algorithm = {"inner_lr": s.inner_lr, "inner_steps": s.inner_steps, **recipe.algorithm}
+    if variant.inner_update is not None:
+        algorithm["inner_update"] = {"class_path": class_path(variant.inner_update)}
+        if variant.inner_update_args:
+            algorithm["inner_update"]["init_args"] = dict(variant.inner_update_args)
+    content = {
+        "seed_everything": 0,
+        "trainer": {
+            **(distribution if ddp else {}),
+            "max_steps": s.max_steps,
+            "val_check_interval": s.val_check_interval,
+            "check_val_every_n_epoch": None,
+            "log_every_n_steps": 50,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.WandbLogger",
+                "init_args": {
+                    "project": "lightning-maml",
+                    "save_dir": "runs",
+                    "group": s.benchmark,
+                    "tags": [s.benchmark, s.shape],
+                },
+            },
+            "callbacks": [
+                {
+                    "class_path": "lightning_maml.callbacks.ModelCheckpoint",
+                    "init_args": {"monitor": "val/accuracy", "mode": "max", "save_last": True},
+                },
+                {
+                    "class_path": "lightning_maml.callbacks.GradNormMonitor",
+                    "init_args": {"group_by": "layer"},
+                },
+            ],
+        },
+        "model": {
+            "model": {
+                "class_path": "lightning_maml.models.ConvNet",
+                "init_args": {
+                    "in_channels": s.in_channels,
+                    "ways": s.ways,
+                    "hidden": s.hidden,
+                    "image_size": s.image_size,
+                },
+            },
+            "algorithm": {"class_path": class_path(variant.algorithm), "init_args": algorithm},
+            "loss": "cross_entropy",
+            "meta_optimizer": recipe.meta_optimizer or ADAM,
+            **({"lr_scheduler": recipe.lr_scheduler} if recipe.lr_scheduler else {}),
+            "eval_inner_steps": s.eval_inner_steps,
+        },
+        "data": {
+            "class_path": DATAMODULES[s.benchmark],
+            "init_args": {
+                "root": s.root,
+                **({"download": True} if s.download else {}),
+                "ways": s.ways,
+                "shots": s.shots,
+                "query_shots": s.query_shots,
+                "hessian_shots": 0,
+                "meta_batch_size": s.meta_batch_size,
+                **dict(s.extra_data),
+                "seed": 0,
+                "num_val_tasks": 100,
+                "num_test_tasks": 600,
+                "num_workers": 2,
+            },
+        },
+    }
+    # Fresh objects throughout: safe_dump would write a YAML alias for an object met twice.
+    return json.loads(json.dumps(content))
+
+
+def recipe(s: Setting, variant: Variant | str, ddp: bool) -> tuple[str, str]:
+    """The path (relative to recipes/) and text of one recipe of ``variant`` on ``s``.
+
+    Raises:
+        ValueError: If the variant has no recipe on this setting.
+    """
+    variant = get(variant) if isinstance(variant, str) else variant
+    changes = variant.recipe_for(s.benchmark, s.shape)
+    if changes is None:
+        raise ValueError(
+            f"Variant {variant.name!r} has no recipe on {s.benchmark}/{s.shape}: add one to its "
+            "Variant(recipes={...}) entry."
+        )
+    s = adapted(s, variant, changes)
+    path = f"{s.benchmark}/{variant.name}_{s.shape}{'_ddp' if ddp else ''}.yaml"
+    comment = "".join(f"# {line}\n" for line in header(s, variant, changes, ddp))
+    body = yaml.safe_dump(config(s, variant, changes, ddp), sort_keys=False, width=100)
+    return path, comment + body
 
 
 def recipes() -> dict[str, str]:
     """Every generated recipe: path relative to recipes/ -> text."""
     out = {}
     for s in settings():
-        family = list(FAMILY) if (s.benchmark, s.shape) in FAMILY_SETTINGS else []
-        for variant in [*VARIANTS, *family]:
+        for variant in variants():
+            if variant.recipe_for(s.benchmark, s.shape) is None:
+                continue
             for ddp in (False, True):
                 path, text = recipe(s, variant, ddp)
                 out[path] = text
@@ -451,11 +415,12 @@ def main(argv: list[str] | None = None) -> int:
         for path in out_of_date:
             print(f"out of date: recipes/{path}")
         return 1 if out_of_date else 0
-    for path, text in recipes().items():
+    written = recipes()
+    for path, text in written.items():
         target = RECIPES / path
         target.parent.mkdir(exist_ok=True)
         target.write_text(text)
-    print(f"wrote {len(recipes())} recipes under {RECIPES}")
+    print(f"wrote {len(written)} recipes under {RECIPES}")
     return 0
 
 

@@ -1,8 +1,8 @@
 """The file tree's layers: every import points down, none runs back up.
 
 Ground floor: ``tasks`` and ``checks`` (what the datamodules may use too); then the functional
-core, the theory library and the inner updates; the algorithms; the learner; the callbacks; the
-CLI; and the tools (the applications: experiment, estimate, plan, plot) on top.
+core, the theory library and the inner updates; the algorithms; the variant registry; the learner;
+the callbacks; the CLI; and the tools (the applications: experiment, estimate, plan, plot) on top.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ RANK = {
     "theory": 2,
     "inner": 2,
     "algorithms": 3,
+    "variants": 3.5,  # the registry: it knows the algorithms, nothing below it knows it
     "learner": 4,
     "callbacks": 5,
     "cli": 6,
@@ -94,6 +95,7 @@ def test_datamodules_know_only_the_ground_floor(path):
         "lightning_maml.callbacks",
         "lightning_maml.algorithms.hfmaml",
         "lightning_maml.inner",
+        "lightning_maml.variants",
         "lightning_maml.tools.experiment",
     ],
 )

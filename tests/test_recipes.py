@@ -134,6 +134,9 @@ def test_recipes_exist():
         for variant in ("anil", "metasgd", "mamlpp"):
             for suffix in ("", "_ddp"):
                 assert (ROOT / benchmark / f"{variant}_5w1s{suffix}.yaml").is_file()
+    for variant in ("boil", "reptile"):
+        for suffix in ("", "_ddp"):
+            assert (ROOT / "omniglot" / f"{variant}_5w1s{suffix}.yaml").is_file()
     for benchmark, shapes in {
         "omniglot": ["5w1s", "5w5s", "20w1s", "20w5s"],
         "miniimagenet": ["5w1s", "5w5s"],

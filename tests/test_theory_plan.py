@@ -9,13 +9,21 @@ import math
 import pytest
 
 from lightning_maml.cli import main
-from lightning_maml.theory import THEORY, Unreachable, plan_variant
+from lightning_maml.theory import (
+    FOMAML_CONSTANTS,
+    HFMAML_CONSTANTS,
+    MAML_CONSTANTS,
+    Unreachable,
+    compute_plan,
+    explain_plan,
+    format_plan,
+)
 
 SETTING = {"L": 1.0, "rho": 10.0, "sigma": 2.0, "sigma_tilde": 5.0, "sigma_H": 20.0}
 
 
 def test_maml_plan_against_a_hand_computation():
-    plan = plan_variant("maml", inner_lr=0.5, eps=2.0, **SETTING)
+    plan = compute_plan(MAML_CONSTANTS, inner_lr=0.5, eps=2.0, **SETTING)
     # By hand: rho alpha sigma / L = 10 * 0.5 * 2 / 1 = 10.
     #   sqrt term: S <= eps^2 / (61 * (1 + 10)) = 4 / 671; linear: S <= eps L / (61 rho alpha)
     #   = 2 / 305 > 4 / 671, so the sqrt term binds. Each of the 3 shares is 4 / 2013.
@@ -44,7 +52,7 @@ def test_maml_plan_against_a_hand_computation():
 
 
 def test_hfmaml_constants_and_delta():
-    plan = plan_variant("hfmaml", inner_lr=0.1, eps=2.0, **SETTING)
+    plan = compute_plan(HFMAML_CONSTANTS, inner_lr=0.1, eps=2.0, **SETTING)
     # HF-MAML: 6 and 36 instead of 61 and 61; ratio = 10 * 0.1 * 2 = 2.
     #   sqrt: 4 / (6 * 3) = 0.2222; linear: 2 * 1 / (36 * 10 * 0.1) = 0.0556 -> the linear term binds.
     #   share = 0.0556 / 3 = 1/54; B = 4 * 54 = 216; D_h = 36 (0.1 * 20)^2 = 144.
@@ -57,19 +65,19 @@ def test_hfmaml_constants_and_delta():
 
 def test_fomaml_is_refused_below_its_floor():
     with pytest.raises(Unreachable, match=r"cannot reach eps = 2 .* floor 6\.1") as refusal:
-        plan_variant("fomaml", inner_lr=0.05, eps=2.0, **SETTING)
+        compute_plan(FOMAML_CONSTANTS, inner_lr=0.05, eps=2.0, **SETTING)
     # The floor: S' = 20 alpha^2 L^2 sigma^2 = 0.2; linear term 61 * 10 * 0.05 * 0.2 / 1 = 6.1
     # beats the sqrt term sqrt(61 * (1 + 1) * 0.2) = 4.94.
     assert refusal.value.floor == pytest.approx(6.1)
     needed = refusal.value.inner_lr_needed
-    assert plan_variant("fomaml", inner_lr=0.999 * needed, eps=2.0, **SETTING).floor < 2.0
+    assert compute_plan(FOMAML_CONSTANTS, inner_lr=0.999 * needed, eps=2.0, **SETTING).floor < 2.0
     with pytest.raises(Unreachable):
-        plan_variant("fomaml", inner_lr=1.01 * needed, eps=2.0, **SETTING)
+        compute_plan(FOMAML_CONSTANTS, inner_lr=1.01 * needed, eps=2.0, **SETTING)
 
 
 def test_fomaml_plan_spends_what_the_floor_leaves():
     setting = {**SETTING, "rho": 0.0}
-    plan = plan_variant("fomaml", inner_lr=0.001, eps=2.0, **setting)
+    plan = compute_plan(FOMAML_CONSTANTS, inner_lr=0.001, eps=2.0, **setting)
     # floor = sqrt(61 * 20 * (0.001 * 1 * 2)^2) = 0.0699; budget = 4 / 61 - 20 * 4e-6, so
     # share = 0.021831 and B = 4 / share = 183.2 -> 184.
     assert plan.floor == pytest.approx(math.sqrt(61 * 20) * 0.002)
@@ -77,19 +85,28 @@ def test_fomaml_plan_spends_what_the_floor_leaves():
     assert plan.hessian_shots is None
     assert "the task spread dominates" in {line.name: line for line in plan.lines}["B"].how
     # A loose eps leaves B at the theorem's minimum of 20.
-    loose = plan_variant("fomaml", inner_lr=0.001, eps=20.0, **setting)
+    loose = compute_plan(FOMAML_CONSTANTS, inner_lr=0.001, eps=20.0, **setting)
     assert loose.task_batch == 20
     assert "B >= 20 dominates" in {line.name: line for line in loose.lines}["B"].how
 
 
 def test_inner_lr_outside_the_range_is_flagged_and_constants_are_parameters():
-    plan = plan_variant("maml", inner_lr=1.5, eps=2.0, **SETTING)
+    plan = compute_plan(MAML_CONSTANTS, inner_lr=1.5, eps=2.0, **SETTING)
     assert "OUTSIDE" in plan.lines[0].how
-    custom = dataclasses.replace(THEORY["maml"], step_size=0.5)
-    assert (
-        plan_variant("maml", inner_lr=0.5, eps=2.0, constants=custom, **SETTING).step_size_constant
-        == 0.5
-    )
+    custom = dataclasses.replace(MAML_CONSTANTS, step_size=0.5)
+    assert compute_plan(custom, inner_lr=0.5, eps=2.0, **SETTING).step_size_constant == 0.5
+
+
+def test_the_numbers_explain_themselves_and_a_name_is_refused():
+    plan = compute_plan(HFMAML_CONSTANTS, inner_lr=0.1, eps=2.0, **SETTING)
+    text = format_plan(plan, "HF-MAML").splitlines()
+    assert text[0] == "HF-MAML"
+    lines = explain_plan(plan)
+    assert len(text) == 1 + len(lines)
+    assert all(row.startswith(line.name) for row, line in zip(text[1:], lines, strict=True))
+    assert text[1 + [line.name for line in lines].index("B")].split()[1] == "216"
+    with pytest.raises(ValueError, match=r"VariantConstants \(lightning_maml\.variants"):
+        compute_plan("maml", inner_lr=0.1, eps=2.0, **SETTING)
 
 
 def test_plan_command_from_json(tmp_path, capsys):

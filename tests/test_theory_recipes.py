@@ -8,7 +8,7 @@ import pytest
 
 from lightning_maml.callbacks import StationarityMonitor, TheoryStepSize
 from lightning_maml.cli import MetaCLI
-from lightning_maml.theory import step_size_constant
+from lightning_maml.variants import get
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes" / "theory").glob("*.yaml"))
 
@@ -35,7 +35,7 @@ def test_recipe_trains_with_the_theory_callbacks(recipe, tmp_path):
     step_size = next(c for c in cli.trainer.callbacks if isinstance(c, TheoryStepSize))
     monitor = next(c for c in cli.trainer.callbacks if isinstance(c, StationarityMonitor))
     # L = 4 and rho = 0 on linear tasks: beta = c / (4 L) with the variant's c.
-    assert step_size.beta == pytest.approx(step_size_constant(recipe.stem) / 16)
+    assert step_size.beta == pytest.approx(get(recipe.stem).theory.step_size / 16)
     assert cli.trainer.optimizers[0].param_groups[0]["lr"] == step_size.beta
     assert [s for s, _, _ in monitor.history] == [0]
     assert monitor.held_out.num_tasks == 1000

@@ -14,7 +14,8 @@ from lightning.pytorch.loggers import CSVLogger
 from datamodules.base import MetaDataModule, Task
 from lightning_maml import FOMAML, HFMAML, MAML, MetaLearner, TaskBatch
 from lightning_maml.callbacks import TheoryStepSize
-from lightning_maml.theory import step_size_constant, theory_step_size, variant_name
+from lightning_maml.theory import theory_step_size
+from lightning_maml.variants import get, theory_constants
 
 # One task, the same at every draw: pooled examples x = 1, 2, 3 and y = 1, 1, 0.
 SUPPORT = (torch.tensor([[1.0], [2.0]]), torch.tensor([[1.0], [1.0]]))
@@ -93,13 +94,13 @@ def test_formula_by_hand():
 
 
 def test_default_constants_per_variant():
-    assert step_size_constant("maml") == pytest.approx(1 / 12)
-    assert step_size_constant("fomaml") == pytest.approx(1 / 18)
-    assert step_size_constant("hfmaml") == pytest.approx(1 / 25)
-    assert [variant_name(a) for a in (MAML(0.1), FOMAML(0.1), HFMAML(0.1))] == [
-        "maml",
-        "fomaml",
-        "hfmaml",
+    assert get("maml").theory.step_size == pytest.approx(1 / 12)
+    assert get("fomaml").theory.step_size == pytest.approx(1 / 18)
+    assert get("hfmaml").theory.step_size == pytest.approx(1 / 25)
+    assert [theory_constants(a) for a in (MAML(0.1), FOMAML(0.1), HFMAML(0.1))] == [
+        get("maml").theory,
+        get("fomaml").theory,
+        get("hfmaml").theory,
     ]
 
 

@@ -106,9 +106,6 @@ class MetaAlgorithm:
 
     #: Whether the variant uses ``hessian_batch`` (FO-MAML has no Hessian term).
     uses_hessian: bool = True
-    #: The variant of Fallah et al. 2020's theory this is (``"maml"``, ``"fomaml"``,
-    #: ``"hfmaml"``), or ``None`` for one the theory does not cover.
-    theory_variant: str | None = None
 
     def __init__(
         self,

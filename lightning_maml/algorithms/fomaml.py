@@ -34,7 +34,6 @@ class FOMAML(MetaAlgorithm):
         Model-Agnostic Meta-Learning Algorithms. AISTATS 2020 (Section 5, FO-MAML).
     """
 
-    theory_variant = "fomaml"
     uses_hessian = False
 
     def __init__(

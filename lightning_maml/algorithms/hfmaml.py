@@ -91,8 +91,6 @@ class HFMAML(MetaAlgorithm):
         B. A. Pearlmutter. Fast Exact Multiplication by the Hessian. Neural Computation 1994.
     """
 
-    theory_variant = "hfmaml"
-
     def __init__(
         self,
         inner_lr: float,

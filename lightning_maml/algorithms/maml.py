@@ -84,8 +84,6 @@ class MAML(MetaAlgorithm):
         B. A. Pearlmutter. Fast Exact Multiplication by the Hessian. Neural Computation 1994.
     """
 
-    theory_variant = "maml"
-
     def __init__(
         self,
         inner_lr: float,

@@ -11,12 +11,8 @@ from typing_extensions import override
 from lightning_maml.checks import check_int
 from lightning_maml.tasks import STREAMS, draw_tasks
 from lightning_maml.theory.estimate import pooled_examples
-from lightning_maml.theory.step_size import (
-    step_size_constant,
-    task_gradient_norms,
-    theory_step_size,
-    variant_name,
-)
+from lightning_maml.theory.step_size import task_gradient_norms, theory_step_size
+from lightning_maml.variants import theory_constants
 
 __all__ = ["TheoryStepSize"]
 
@@ -39,7 +35,7 @@ class TheoryStepSize(Callback):
         L: The smoothness constant of the task losses (``lightning-maml estimate`` gives one).
         rho: The Lipschitz constant of the task Hessians (0 for quadratic losses).
         c: The step-size constant. Default per variant: 1/12 for MAML, 1/18 for FO-MAML, 1/25 for
-            HF-MAML (Fallah et al. 2020; :data:`lightning_maml.theory.constants.THEORY`).
+            HF-MAML (Fallah et al. 2020; :func:`lightning_maml.variants.theory_constants`).
         tasks: B', the tasks of the estimate of ``L~`` at each step.
         shots: D_beta, the examples of each of those tasks (default: all that a task carries,
             support, query and Hessian sets together).
@@ -91,9 +87,7 @@ class TheoryStepSize(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self._c = (
-            self.c if self.c is not None else step_size_constant(variant_name(pl_module.algorithm))
-        )
+        self._c = self.c if self.c is not None else theory_constants(pl_module.algorithm).step_size
         datamodule = getattr(trainer, "datamodule", None)
         self._seed = self.seed if self.seed is not None else getattr(datamodule, "seed", 0)
         if self.rho > 0:

@@ -2,8 +2,9 @@
 
 They come from a secondary summary of the paper and could not be checked against its text, so
 every one of them is a dataclass field with the published value as its default: a user who reads
-a different value in the paper passes it (``dataclasses.replace(THEORY["maml"], step_size=...)``)
-rather than editing code.
+a different value in the paper passes it (``dataclasses.replace(MAML_CONSTANTS, step_size=...)``)
+rather than editing code. Which variant each theorem belongs to is the variant registry's
+(:mod:`lightning_maml.variants`): the theory library knows constants, not variant names.
 
 References:
     A. Fallah, A. Mokhtari, A. Ozdaglar. On the Convergence Theory of Gradient-Based
@@ -12,11 +13,16 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 
-__all__ = ["SHARED", "THEORY", "VARIANTS", "SharedConstants", "VariantConstants"]
+__all__ = [
+    "FOMAML_CONSTANTS",
+    "HFMAML_CONSTANTS",
+    "MAML_CONSTANTS",
+    "SHARED",
+    "SharedConstants",
+    "VariantConstants",
+]
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,9 @@ class VariantConstants:
             takes no Hessian term.
         bias: FO-MAML's ``S`` gains ``bias * alpha^2 L^2 sigma^2``, which no batch size
             removes; 0 for the variants whose estimate of grad F is unbiased.
+        finite_difference: Whether the Hessian-vector products are finite differences whose
+            step the theorem sets, ``delta_i = 1 / (delta_denominator rho alpha ||v_i||)``
+            (HF-MAML).
     """
 
     step_size: float
@@ -40,6 +49,7 @@ class VariantConstants:
     error_linear: float
     hessian_batch: float | None = None
     bias: float = 0.0
+    finite_difference: bool = False
 
 
 @dataclass(frozen=True)
@@ -61,33 +71,24 @@ class SharedConstants:
     delta_denominator: float = 6.0
 
 
-#: Each variant's constants (Fallah et al. 2020). The summary gives FO-MAML's error bound only
-#: as MAML's with S enlarged by the bias term, so FO-MAML reuses MAML's 61 and 61.
-THEORY: Mapping[str, VariantConstants] = MappingProxyType(
-    {
-        "maml": VariantConstants(
-            step_size=1 / 12,
-            inner_lr_factor=1.0,
-            error_sqrt=61.0,
-            error_linear=61.0,
-            hessian_batch=2.0,
-        ),
-        "fomaml": VariantConstants(
-            step_size=1 / 18, inner_lr_factor=1 / 10, error_sqrt=61.0, error_linear=61.0, bias=20.0
-        ),
-        "hfmaml": VariantConstants(
-            step_size=1 / 25,
-            inner_lr_factor=1 / 6,
-            error_sqrt=6.0,
-            error_linear=36.0,
-            hessian_batch=36.0,
-        ),
-    }
+#: MAML's theorem (Fallah et al. 2020).
+MAML_CONSTANTS = VariantConstants(
+    step_size=1 / 12, inner_lr_factor=1.0, error_sqrt=61.0, error_linear=61.0, hessian_batch=2.0
 )
-
-#: The variants the theory covers, by the names used in recipes, logs and the planner (each
-#: algorithm class names its own in ``theory_variant``).
-VARIANTS = tuple(THEORY)
+#: FO-MAML's theorem. The summary gives its error bound only as MAML's with S enlarged by the
+#: bias term, so it reuses MAML's 61 and 61.
+FOMAML_CONSTANTS = VariantConstants(
+    step_size=1 / 18, inner_lr_factor=1 / 10, error_sqrt=61.0, error_linear=61.0, bias=20.0
+)
+#: HF-MAML's theorem.
+HFMAML_CONSTANTS = VariantConstants(
+    step_size=1 / 25,
+    inner_lr_factor=1 / 6,
+    error_sqrt=6.0,
+    error_linear=36.0,
+    hessian_batch=36.0,
+    finite_difference=True,
+)
 
 #: The shared constants with the published values.
 SHARED = SharedConstants()

@@ -13,42 +13,35 @@ The planner inverts this: it finds the largest S for which both error terms stay
 splits it equally between the three terms of S (a choice of this planner, not of the paper) and
 rounds each batch size up. For FO-MAML the bias term alone sets a floor: an eps below it is
 refused, with the inner_lr that would reach it.
+
+:func:`compute_plan` does the arithmetic and returns the numbers (:class:`VariantPlan`);
+:func:`explain_plan`, :func:`format_plan` and :func:`explain_refusal` turn them into the text
+that ``lightning-maml plan`` prints. Both take a variant's constants
+(:class:`~lightning_maml.theory.VariantConstants`), not its name: the variant registry
+(:mod:`lightning_maml.variants`) knows which constants and title belong to which variant.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-from lightning_maml.theory.constants import THEORY, VARIANTS, SharedConstants, VariantConstants
+from lightning_maml.theory.constants import SharedConstants, VariantConstants
 
 __all__ = [
     "Line",
     "Unreachable",
     "VariantPlan",
+    "compute_plan",
+    "explain_plan",
+    "explain_refusal",
     "format_plan",
-    "plan_variant",
     "step_size_batches",
 ]
 
-#: Display names of the variants.
-TITLES = {"maml": "MAML", "fomaml": "FO-MAML", "hfmaml": "HF-MAML"}
 #: S is split into this many equal shares, one per term (sigma^2/B, .../(B D_o), .../D_in).
 S_SHARES = 3
-
-
-class Unreachable(ValueError):
-    """The target eps lies below the floor of the variant's bound (FO-MAML).
-
-    Attributes:
-        floor: The bound's value with infinite batches.
-        inner_lr_needed: The largest inner_lr whose floor is below eps.
-    """
-
-    def __init__(self, message: str, floor: float, inner_lr_needed: float) -> None:
-        super().__init__(message)
-        self.floor = floor
-        self.inner_lr_needed = inner_lr_needed
 
 
 @dataclass
@@ -60,13 +53,60 @@ class Line:
     how: str
 
 
-@dataclass
-class VariantPlan:
-    """What the theory asks of one variant for a target eps.
+class Unreachable(ValueError):
+    """The target eps lies below the floor of the variant's bound (FO-MAML).
 
     Attributes:
-        variant: ``"maml"``, ``"fomaml"`` or ``"hfmaml"``.
+        floor: The bound's value with infinite batches.
+        inner_lr_needed: The largest inner_lr whose floor is below eps.
+        eps: The target.
+        inner_lr: The inner_lr asked for.
+        bias: The variant's bias constant.
+        bias_term: ``bias alpha^2 L^2 sigma^2``, what S gains.
+        floor_sqrt: The bound's square-root term with infinite batches.
+        floor_linear: Its linear term with infinite batches.
+    """
+
+    def __init__(
+        self,
+        floor: float,
+        inner_lr_needed: float,
+        *,
+        eps: float,
+        inner_lr: float,
+        bias: float,
+        bias_term: float,
+        floor_sqrt: float,
+        floor_linear: float,
+    ) -> None:
+        self.floor = floor
+        self.inner_lr_needed = inner_lr_needed
+        self.eps = eps
+        self.inner_lr = inner_lr
+        self.bias = bias
+        self.bias_term = bias_term
+        self.floor_sqrt = floor_sqrt
+        self.floor_linear = floor_linear
+        super().__init__(explain_refusal(self))
+
+
+@dataclass(frozen=True)
+class VariantPlan:
+    """What the theory asks of one variant for a target eps: the numbers of the plan.
+
+    Each rounded size comes with the raw value it was rounded up from (``raw_...``).
+
+    Attributes:
+        constants, shared, L, rho, sigma, sigma_tilde, sigma_H, inner_lr, eps, Delta,
+            iteration_constant: The inputs, as :func:`compute_plan` takes them.
         inner_lr_max: The largest inner_lr the theorem covers.
+        floor_sqrt: The square-root term of the bound with infinite batches.
+        floor_linear: Its linear term with infinite batches.
+        floor: The bound with infinite batches (0 except for FO-MAML).
+        bias_term: ``bias alpha^2 L^2 sigma^2``, what FO-MAML's S gains.
+        cap_sqrt: The largest S for which the square-root term stays at or below eps.
+        cap_linear: The same for the linear term (``inf`` when ``rho = 0``).
+        budget: What is left of S for the three batch terms.
         task_batch: B, tasks per step.
         inner_shots: D_in, support examples per task.
         query_shots: D_o, query examples per task.
@@ -78,26 +118,58 @@ class VariantPlan:
         step_size_constant: c of ``beta_k = c / L~(w_k)``.
         max_step: ``c / (4 L)``, the step when ``rho alpha ||grad f_i||`` is negligible.
         iterations: The iteration bound, rounded up, with its O(1) factor ``iteration_constant``.
-        floor: The bound with infinite batches (0 except for FO-MAML).
+        rounded_S: S with the rounded batch sizes.
         guaranteed: The bound with the rounded batch sizes (at most eps).
-        lines: The plan as explained rows.
     """
 
-    variant: str
+    constants: VariantConstants
+    shared: SharedConstants
+    L: float
+    rho: float
+    sigma: float
+    sigma_tilde: float
+    sigma_H: float
+    inner_lr: float
+    eps: float
+    Delta: float
+    iteration_constant: float
     inner_lr_max: float
+    floor_sqrt: float
+    floor_linear: float
+    floor: float
+    bias_term: float
+    cap_sqrt: float
+    cap_linear: float
+    budget: float
+    raw_task_batch: float
     task_batch: int
+    raw_inner_shots: float
     inner_shots: int
+    raw_query_shots: float
     query_shots: int
+    raw_hessian_shots: float | None
     hessian_shots: int | None
+    raw_step_tasks: float
     step_tasks: int
+    raw_step_shots: float
     step_shots: int
     delta_coefficient: float | None
     step_size_constant: float
     max_step: float
+    raw_iterations: float
     iterations: int
-    floor: float
+    rounded_S: float
     guaranteed: float
-    lines: list[Line] = field(default_factory=list)
+
+    @property
+    def share(self) -> float:
+        """Each of the three batch terms' share of the budget."""
+        return self.budget / S_SHARES
+
+    @property
+    def lines(self) -> list[Line]:
+        """The plan as explained rows (:func:`explain_plan`)."""
+        return explain_plan(self)
 
 
 def _ceil(raw: float, minimum: int = 1) -> int:
@@ -128,8 +200,8 @@ def step_size_batches(
     return (raw_tasks, _ceil(raw_tasks)), (raw_shots, _ceil(raw_shots))
 
 
-def plan_variant(
-    variant: str,
+def compute_plan(
+    constants: VariantConstants,
     L: float,
     rho: float,
     sigma: float,
@@ -139,13 +211,13 @@ def plan_variant(
     eps: float,
     Delta: float = 1.0,
     iteration_constant: float = 1.0,
-    constants: VariantConstants | None = None,
     shared: SharedConstants | None = None,
 ) -> VariantPlan:
     """The batch sizes, step size and iteration bound of one variant for a target eps.
 
     Args:
-        variant: ``"maml"``, ``"fomaml"`` or ``"hfmaml"``.
+        constants: The variant's constants (``lightning_maml.variants.get(name).theory``, or
+            e.g. ``MAML_CONSTANTS`` with another value: ``dataclasses.replace``).
         L: Smoothness of the task losses.
         rho: Lipschitz constant of the task Hessians.
         sigma: Task-gradient spread.
@@ -155,18 +227,20 @@ def plan_variant(
         eps: The target ``E||grad F|| <= eps``.
         Delta: ``F(w_0) - min F`` for the iteration bound (1: the bound per unit of Delta).
         iteration_constant: The theorem's unspecified O(1) factor in the iteration bound.
-        constants: The variant's constants (default: ``THEORY[variant]``, Fallah et al. 2020).
         shared: The shared constants (default: ``SharedConstants()``, Fallah et al. 2020).
 
     Returns:
-        The plan.
+        The plan's numbers; :func:`explain_plan` says how each was obtained.
 
     Raises:
-        ValueError: On an unknown variant or an invalid constant.
+        ValueError: On constants that are not a ``VariantConstants`` or an invalid value.
         Unreachable: If eps is below the variant's floor (FO-MAML).
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"Unknown variant {variant!r}: use one of {list(VARIANTS)}.")
+    if not isinstance(constants, VariantConstants):
+        raise ValueError(
+            "compute_plan takes a variant's VariantConstants (lightning_maml.variants."
+            f"get(name).theory), got {type(constants).__name__}."
+        )
     if not L > 0 or not inner_lr > 0 or not eps > 0 or not Delta > 0:
         raise ValueError(
             f"L, inner_lr, eps and Delta must be > 0, got L={L}, inner_lr={inner_lr}, eps={eps}, "
@@ -174,10 +248,9 @@ def plan_variant(
         )
     if min(rho, sigma, sigma_tilde, sigma_H) < 0:
         raise ValueError("rho, sigma, sigma_tilde and sigma_H must be >= 0.")
-    k = constants or THEORY[variant]
+    k = constants
     shared = shared or SharedConstants()
-    title = TITLES[variant]
-    lines: list[Line] = []
+    alpha = inner_lr
 
     def error_terms(alpha: float, s: float) -> tuple[float, float]:
         """The two terms of the bound for S = s (the bias term added)."""
@@ -187,182 +260,249 @@ def plan_variant(
             k.error_linear * rho * alpha * total / L,
         )
 
-    alpha = inner_lr
-    inner_lr_max = k.inner_lr_factor / L
-    inside = alpha <= inner_lr_max
-    lines.append(
-        Line(
-            "inner_lr",
-            f"{_g(alpha)} in (0, {_g(inner_lr_max)}]"
-            if inside
-            else f"{_g(alpha)} > {_g(inner_lr_max)}",
-            f"the theorem needs inner_lr <= {_g(k.inner_lr_factor)} / L"
-            + ("" if inside else "; OUTSIDE the range: the bound below does not apply"),
-        )
-    )
-
+    bias_term = k.bias * alpha**2 * L**2 * sigma**2
     floor_sqrt, floor_linear = error_terms(alpha, 0.0)
     floor = max(floor_sqrt, floor_linear)
-    if k.bias:
-        floor_how = (
-            f"S gains {_g(k.bias)} alpha^2 L^2 sigma^2 = {_g(k.bias * alpha**2 * L**2 * sigma**2)}, "
-            f"which no batch size removes: max(sqrt term {_g(floor_sqrt)}, linear term "
-            f"{_g(floor_linear)})"
+    if k.bias and floor >= eps:
+        low, high = 0.0, alpha
+        for _ in range(100):  # the floor grows with alpha: bisect for the alpha that meets eps
+            mid = (low + high) / 2
+            low, high = (mid, high) if max(error_terms(mid, 0.0)) < eps else (low, mid)
+        raise Unreachable(
+            floor,
+            low,
+            eps=eps,
+            inner_lr=alpha,
+            bias=k.bias,
+            bias_term=bias_term,
+            floor_sqrt=floor_sqrt,
+            floor_linear=floor_linear,
         )
-        if floor >= eps:
-            low, high = 0.0, alpha
-            for _ in range(100):  # the floor grows with alpha: bisect for the alpha that meets eps
-                mid = (low + high) / 2
-                low, high = (mid, high) if max(error_terms(mid, 0.0)) < eps else (low, mid)
-            raise Unreachable(
-                f"{title} cannot reach eps = {_g(eps)} at inner_lr = {_g(alpha)}: its bound has the "
-                f"floor {_g(floor)} ({floor_how}; it holds even with infinite batches). "
-                f"Use inner_lr <= {_g(low)}, a family with a smaller task spread sigma, or MAML / "
-                "HF-MAML, whose bounds have no floor.",
-                floor,
-                low,
-            )
-        lines.append(Line("floor", _g(floor), floor_how))
 
     # The largest S that keeps both error terms at or below eps.
     cap_sqrt = eps**2 / (k.error_sqrt * (1 + rho * alpha * sigma / L))
     cap_linear = eps * L / (k.error_linear * rho * alpha) if rho > 0 else math.inf
-    bias_term = k.bias * alpha**2 * L**2 * sigma**2
     budget = min(cap_sqrt, cap_linear) - bias_term
-    binding = "sqrt term" if cap_sqrt <= cap_linear else "linear term"
+    share = budget / S_SHARES
+
+    raw_task_batch = sigma**2 / share
+    task_batch = _ceil(raw_task_batch, shared.min_task_batch)
+    raw_inner_shots = sigma_tilde**2 / share
+    raw_query_shots = sigma_tilde**2 / (task_batch * share)
+    raw_hessian_shots = (
+        None if k.hessian_batch is None else k.hessian_batch * (alpha * sigma_H) ** 2
+    )
+    (raw_step_tasks, step_tasks), (raw_step_shots, step_shots) = step_size_batches(
+        L, rho, sigma, sigma_tilde, alpha, shared
+    )
+    delta_coefficient = None
+    if k.finite_difference:
+        delta_coefficient = 1.0 / (shared.delta_denominator * rho * alpha) if rho > 0 else math.inf
+    raw_iterations = iteration_constant * Delta * (L + rho * alpha * (sigma + eps)) / eps**2
+    inner_shots, query_shots = _ceil(raw_inner_shots), _ceil(raw_query_shots)
+    rounded_S = (
+        sigma**2 / task_batch
+        + sigma_tilde**2 / (task_batch * query_shots)
+        + sigma_tilde**2 / inner_shots
+    )
+    return VariantPlan(
+        constants=k,
+        shared=shared,
+        L=L,
+        rho=rho,
+        sigma=sigma,
+        sigma_tilde=sigma_tilde,
+        sigma_H=sigma_H,
+        inner_lr=alpha,
+        eps=eps,
+        Delta=Delta,
+        iteration_constant=iteration_constant,
+        inner_lr_max=k.inner_lr_factor / L,
+        floor_sqrt=floor_sqrt,
+        floor_linear=floor_linear,
+        floor=floor,
+        bias_term=bias_term,
+        cap_sqrt=cap_sqrt,
+        cap_linear=cap_linear,
+        budget=budget,
+        raw_task_batch=raw_task_batch,
+        task_batch=task_batch,
+        raw_inner_shots=raw_inner_shots,
+        inner_shots=inner_shots,
+        raw_query_shots=raw_query_shots,
+        query_shots=query_shots,
+        raw_hessian_shots=raw_hessian_shots,
+        hessian_shots=None if raw_hessian_shots is None else _ceil(raw_hessian_shots),
+        raw_step_tasks=raw_step_tasks,
+        step_tasks=step_tasks,
+        raw_step_shots=raw_step_shots,
+        step_shots=step_shots,
+        delta_coefficient=delta_coefficient,
+        step_size_constant=k.step_size,
+        max_step=k.step_size / (4 * L),
+        raw_iterations=raw_iterations,
+        iterations=_ceil(raw_iterations),
+        rounded_S=rounded_S,
+        guaranteed=max(error_terms(alpha, rounded_S)),
+    )
+
+
+# -- the explanation ---------------------------------------------------------------------------
+
+
+def _floor_how(bias: float, bias_term: float, floor_sqrt: float, floor_linear: float) -> str:
+    return (
+        f"S gains {_g(bias)} alpha^2 L^2 sigma^2 = {_g(bias_term)}, which no batch size "
+        f"removes: max(sqrt term {_g(floor_sqrt)}, linear term {_g(floor_linear)})"
+    )
+
+
+def explain_plan(plan: VariantPlan) -> list[Line]:
+    """The plan as rows: each quantity, its value, and how it was obtained."""
+    k, shared, alpha = plan.constants, plan.shared, plan.inner_lr
+    inside = alpha <= plan.inner_lr_max
+    lines = [
+        Line(
+            "inner_lr",
+            f"{_g(alpha)} in (0, {_g(plan.inner_lr_max)}]"
+            if inside
+            else f"{_g(alpha)} > {_g(plan.inner_lr_max)}",
+            f"the theorem needs inner_lr <= {_g(k.inner_lr_factor)} / L"
+            + ("" if inside else "; OUTSIDE the range: the bound below does not apply"),
+        )
+    ]
+    if k.bias:
+        floor_how = _floor_how(k.bias, plan.bias_term, plan.floor_sqrt, plan.floor_linear)
+        lines.append(Line("floor", _g(plan.floor), floor_how))
+    binding = "sqrt term" if plan.cap_sqrt <= plan.cap_linear else "linear term"
     lines.append(
         Line(
             "S budget",
-            _g(budget),
-            f"min(eps^2 / ({_g(k.error_sqrt)} (1 + rho alpha sigma / L)) = {_g(cap_sqrt)}, "
-            f"eps L / ({_g(k.error_linear)} rho alpha) = {_g(cap_linear)})"
-            + (f" - bias {_g(bias_term)}" if k.bias else "")
+            _g(plan.budget),
+            f"min(eps^2 / ({_g(k.error_sqrt)} (1 + rho alpha sigma / L)) = {_g(plan.cap_sqrt)}, "
+            f"eps L / ({_g(k.error_linear)} rho alpha) = {_g(plan.cap_linear)})"
+            + (f" - bias {_g(plan.bias_term)}" if k.bias else "")
             + f"; the {binding} binds; split in {S_SHARES} equal shares",
         )
     )
-    share = budget / S_SHARES
-
-    raw_b = sigma**2 / share
-    task_batch = _ceil(raw_b, shared.min_task_batch)
     lines.append(
         Line(
             "B",
-            str(task_batch),
-            f"sigma^2 / share = {_g(raw_b)} -> {_ceil(raw_b)}; "
+            str(plan.task_batch),
+            f"sigma^2 / share = {_g(plan.raw_task_batch)} -> {_ceil(plan.raw_task_batch)}; "
             + (
                 f"B >= {shared.min_task_batch} dominates"
-                if task_batch == shared.min_task_batch
+                if plan.task_batch == shared.min_task_batch
                 else "the task spread dominates"
             ),
         )
     )
-    raw_in = sigma_tilde**2 / share
-    inner_shots = _ceil(raw_in)
     lines.append(
-        Line("D_in", str(inner_shots), f"sigma_tilde^2 / share = {_g(raw_in)} -> {inner_shots}")
-    )
-    raw_o = sigma_tilde**2 / (task_batch * share)
-    query_shots = _ceil(raw_o)
-    lines.append(
-        Line("D_o", str(query_shots), f"sigma_tilde^2 / (B share) = {_g(raw_o)} -> {query_shots}")
-    )
-
-    hessian_shots = None
-    if k.hessian_batch is not None:
-        raw_h = k.hessian_batch * (alpha * sigma_H) ** 2
-        hessian_shots = _ceil(raw_h)
-        lines.append(
-            Line(
-                "D_h",
-                str(hessian_shots),
-                f"{_g(k.hessian_batch)} (alpha sigma_H)^2 = {_g(raw_h)} -> {hessian_shots}",
-            )
+        Line(
+            "D_in",
+            str(plan.inner_shots),
+            f"sigma_tilde^2 / share = {_g(plan.raw_inner_shots)} -> {plan.inner_shots}",
         )
-
-    (raw_bp, step_tasks), (raw_db, step_shots) = step_size_batches(
-        L, rho, sigma, sigma_tilde, alpha, shared
     )
     lines.append(
         Line(
+            "D_o",
+            str(plan.query_shots),
+            f"sigma_tilde^2 / (B share) = {_g(plan.raw_query_shots)} -> {plan.query_shots}",
+        )
+    )
+    if plan.hessian_shots is not None:
+        lines.append(
+            Line(
+                "D_h",
+                str(plan.hessian_shots),
+                f"{_g(k.hessian_batch)} (alpha sigma_H)^2 = {_g(plan.raw_hessian_shots)} -> "
+                f"{plan.hessian_shots}",
+            )
+        )
+    lines.append(
+        Line(
             "B'",
-            str(step_tasks),
-            f"{_g(shared.step_task_batch)} (rho alpha sigma / L)^2 = {_g(raw_bp)} -> {step_tasks}",
+            str(plan.step_tasks),
+            f"{_g(shared.step_task_batch)} (rho alpha sigma / L)^2 = {_g(plan.raw_step_tasks)} "
+            f"-> {plan.step_tasks}",
         )
     )
     lines.append(
         Line(
             "D_beta",
-            str(step_shots),
-            f"({_g(shared.step_data_batch)} rho alpha sigma_tilde / L)^2 = {_g(raw_db)} -> {step_shots}",
+            str(plan.step_shots),
+            f"({_g(shared.step_data_batch)} rho alpha sigma_tilde / L)^2 = "
+            f"{_g(plan.raw_step_shots)} -> {plan.step_shots}",
         )
     )
-
-    delta_coefficient = None
-    if variant == "hfmaml":
-        if rho > 0:
-            delta_coefficient = 1.0 / (shared.delta_denominator * rho * alpha)
-            how = f"1 / ({_g(shared.delta_denominator)} rho alpha ||v||) = {_g(delta_coefficient)} / ||v||"
-            lines.append(Line("delta", f"{_g(delta_coefficient)} / ||v||", how))
+    if plan.delta_coefficient is not None:
+        if plan.rho > 0:
+            coefficient = _g(plan.delta_coefficient)
+            how = f"1 / ({_g(shared.delta_denominator)} rho alpha ||v||) = {coefficient} / ||v||"
+            lines.append(Line("delta", f"{coefficient} / ||v||", how))
         else:
-            delta_coefficient = math.inf
             lines.append(
                 Line("delta", "any", "rho = 0: the finite difference is exact for any delta")
             )
-
-    max_step = k.step_size / (4 * L)
     lines.append(
         Line(
             "c",
             _g(k.step_size),
-            f"beta_k = c / L~(w_k) <= c / (4 L) = {_g(max_step)}",
+            f"beta_k = c / L~(w_k) <= c / (4 L) = {_g(plan.max_step)}",
         )
     )
-    raw_iterations = iteration_constant * Delta * (L + rho * alpha * (sigma + eps)) / eps**2
-    iterations = _ceil(raw_iterations)
     lines.append(
         Line(
             "iterations",
-            str(iterations),
-            f"O(1) Delta (L + rho alpha (sigma + eps)) / eps^2 = {_g(raw_iterations)} with "
-            f"O(1) = {_g(iteration_constant)}, Delta = {_g(Delta)}",
+            str(plan.iterations),
+            f"O(1) Delta (L + rho alpha (sigma + eps)) / eps^2 = {_g(plan.raw_iterations)} with "
+            f"O(1) = {_g(plan.iteration_constant)}, Delta = {_g(plan.Delta)}",
         )
     )
-
-    s_rounded = (
-        sigma**2 / task_batch
-        + sigma_tilde**2 / (task_batch * query_shots)
-        + sigma_tilde**2 / inner_shots
-    )
-    guaranteed = max(error_terms(alpha, s_rounded))
     lines.append(
         Line(
             "bound",
-            _g(guaranteed),
-            f"max(sqrt term, linear term) with the rounded sizes (S = {_g(s_rounded)}) <= eps = {_g(eps)}",
+            _g(plan.guaranteed),
+            f"max(sqrt term, linear term) with the rounded sizes (S = {_g(plan.rounded_S)}) "
+            f"<= eps = {_g(plan.eps)}",
         )
     )
-    return VariantPlan(
-        variant=variant,
-        inner_lr_max=inner_lr_max,
-        task_batch=task_batch,
-        inner_shots=inner_shots,
-        query_shots=query_shots,
-        hessian_shots=hessian_shots,
-        step_tasks=step_tasks,
-        step_shots=step_shots,
-        delta_coefficient=delta_coefficient,
-        step_size_constant=k.step_size,
-        max_step=max_step,
-        iterations=iterations,
-        floor=floor,
-        guaranteed=guaranteed,
-        lines=lines,
+    return lines
+
+
+def explain_refusal(
+    refusal: Unreachable, title: str = "This variant", alternatives: Sequence[str] = ()
+) -> str:
+    """Why eps is out of reach, and what would reach it.
+
+    Args:
+        refusal: The refusal.
+        title: The variant's display name.
+        alternatives: The display names of variants whose bounds have no floor.
+    """
+    floor_how = _floor_how(
+        refusal.bias, refusal.bias_term, refusal.floor_sqrt, refusal.floor_linear
+    )
+    needed = f"inner_lr <= {_g(refusal.inner_lr_needed)}"
+    if alternatives:
+        remedies = (
+            f"{needed}, a family with a smaller task spread sigma, or "
+            f"{' / '.join(alternatives)}, whose bounds have no floor"
+        )
+    else:
+        remedies = f"{needed} or a family with a smaller task spread sigma"
+    return (
+        f"{title} cannot reach eps = {_g(refusal.eps)} at inner_lr = {_g(refusal.inner_lr)}: "
+        f"its bound has the floor {_g(refusal.floor)} ({floor_how}; it holds even with infinite "
+        f"batches). Use {remedies}."
     )
 
 
-def format_plan(plan: VariantPlan) -> str:
-    """The plan as an aligned text table with a title line."""
-    width = max(len(line.name) for line in plan.lines)
-    value_width = max(len(line.value) for line in plan.lines)
-    rows = [f"{line.name:<{width}}  {line.value:<{value_width}}  {line.how}" for line in plan.lines]
-    return "\n".join([TITLES[plan.variant], *rows])
+def format_plan(plan: VariantPlan, title: str) -> str:
+    """The plan as an aligned text table under a title line (the variant's display name)."""
+    lines = explain_plan(plan)
+    width = max(len(line.name) for line in lines)
+    value_width = max(len(line.value) for line in lines)
+    rows = [f"{line.name:<{width}}  {line.value:<{value_width}}  {line.how}" for line in lines]
+    return "\n".join([title, *rows])

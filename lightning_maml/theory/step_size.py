@@ -7,63 +7,19 @@ with ``L(w) = 4 L + 2 rho alpha E_i ||grad f_i(w)||``, so the step is set from a
     L~(w_k) = 4 L + 2 rho alpha (1 / B') sum_j || grad~f_j(w_k, D_beta^j) ||
     beta_k  = c / L~(w_k)
 
-with c per variant (:data:`lightning_maml.theory.constants.THEORY`).
+with c per variant (``step_size`` of its :class:`~lightning_maml.theory.VariantConstants`;
+:func:`lightning_maml.variants.theory_constants` finds an algorithm's).
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 from torch.func import grad
 
 from lightning_maml.functional import LossFn, Params, TaskModel, map_tasks, tree_norm
-from lightning_maml.theory.constants import THEORY
 
-if TYPE_CHECKING:  # the theory is a library below the algorithms: no import at run time
-    from lightning_maml.algorithms import MetaAlgorithm
-
-__all__ = [
-    "local_smoothness",
-    "step_size_constant",
-    "task_gradient_norms",
-    "theory_step_size",
-    "variant_name",
-]
-
-
-def variant_name(algorithm: MetaAlgorithm) -> str:
-    """The theory's name for an algorithm object: ``"maml"``, ``"fomaml"`` or ``"hfmaml"``.
-
-    Each algorithm class says which variant of the theory it is (``theory_variant``); the
-    theorems assume one fixed step size on every parameter, so an inner update that learns step
-    sizes or adapts only some parameters is outside them.
-
-    Raises:
-        ValueError: For an algorithm, or an inner update, the theory does not cover.
-    """
-    name = getattr(algorithm, "theory_variant", None)
-    update = getattr(algorithm, "inner_update", None)
-    if name is None or (
-        update is not None
-        and (update.learns_step_sizes or update.adapt is not None or update.freeze)
-    ):
-        raise ValueError(
-            f"The theory covers MAML, FOMAML and HFMAML with one fixed inner step size on every "
-            f"parameter, not {algorithm!r}: pass the step-size constant c explicitly."
-        )
-    return name
-
-
-def step_size_constant(variant: str) -> float:
-    """The default c of ``beta_k = c / L~(w_k)``: 1/12 (MAML), 1/18 (FO-MAML), 1/25 (HF-MAML).
-
-    Fallah et al. 2020; the values live in :data:`lightning_maml.theory.constants.THEORY`.
-    """
-    if variant not in THEORY:
-        raise ValueError(f"Unknown variant {variant!r}: use one of {sorted(THEORY)}.")
-    return THEORY[variant].step_size
+__all__ = ["local_smoothness", "task_gradient_norms", "theory_step_size"]
 
 
 def local_smoothness(L: float, rho: float, inner_lr: float, grad_norms: Tensor | None) -> float:
@@ -92,7 +48,7 @@ def theory_step_size(
         L: The smoothness constant of each task loss.
         rho: The Lipschitz constant of each task's Hessian.
         inner_lr: The inner step size alpha.
-        c: The variant's constant (:func:`step_size_constant`).
+        c: The variant's constant (``VariantConstants.step_size``).
         grad_norms: See :func:`local_smoothness`.
 
     Returns:

@@ -39,17 +39,17 @@ from torch import nn
 from datamodules.base import TrainTaskStream
 from datamodules.linear_tasks import LinearTasks
 from datamodules.sinusoid import SinusoidDataModule, SinusoidTasks
-from lightning_maml.algorithms import FOMAML, HFMAML, MAML, MetaAlgorithm
+from lightning_maml import variants
+from lightning_maml.algorithms import MetaAlgorithm
 from lightning_maml.callbacks import StationarityMonitor, TheoryStepSize
 from lightning_maml.functional import axpy, tree_norm
 from lightning_maml.learner import MetaLearner
 from lightning_maml.models import MLP
 from lightning_maml.tasks import TaskBatch
-from lightning_maml.theory.constants import VARIANTS
 from lightning_maml.theory.estimate import estimate_constants
 from lightning_maml.theory.linear import LinearTaskFamily
-from lightning_maml.theory.plan import TITLES, step_size_batches
-from lightning_maml.theory.step_size import step_size_constant, theory_step_size
+from lightning_maml.theory.plan import step_size_batches
+from lightning_maml.theory.step_size import theory_step_size
 
 __all__ = ["final_level", "linear_curves", "main"]
 
@@ -60,14 +60,35 @@ INNER_LRS = (0.0125, 0.025, 0.05)
 TASKS, SHOTS, SCALE = 20, 50, 4
 #: Task spreads of the sweep, at the middle inner_lr.
 SPREADS = (0.5, 1.0, 2.0)
+#: The variant whose meta-gradient is exact: the others are compared with it.
+REFERENCE = "maml"
+
+
+def theory_variants() -> list[str]:
+    """The registered variants that the theory covers (MAML, FO-MAML, HF-MAML): the runs."""
+    return variants.names(theory=True)
+
+
+def floored(names: Sequence[str]) -> list[str]:
+    """Those of ``names`` whose bound has a floor that no batch size removes (FO-MAML)."""
+    return [name for name in names if variants.get(name).theory.bias]
+
+
+def title(variant: str) -> str:
+    return variants.get(variant).title
+
+
+def color(variant: str) -> str:
+    return variants.get(variant).color
 
 
 def make_algorithm(variant: str, inner_lr: float, **kwargs) -> MetaAlgorithm:
-    """The paper's form of each variant: Hessian terms on the independent batch D_h."""
-    cls = {c.theory_variant: c for c in (MAML, FOMAML, HFMAML)}[variant]
-    if not cls.uses_hessian:
-        return cls(inner_lr)
-    return cls(inner_lr, hessian_batch="independent", **kwargs)
+    """The paper's form of a variant: its Hessian terms, if it has any, on the independent
+    batch D_h."""
+    entry = variants.get(variant)
+    if entry.theory.hessian_batch is None:
+        return entry.build(inner_lr)
+    return entry.build(inner_lr, hessian_batch="independent", **kwargs)
 
 
 def linear_curves(
@@ -104,9 +125,8 @@ def linear_curves(
     for variant, inner_lr in runs:
         model = nn.Linear(dim, 1, bias=False)
         nn.init.zeros_(model.weight)
-        beta, _ = theory_step_size(
-            family.L, family.rho, inner_lr, step_size_constant(variant), None
-        )
+        c = variants.get(variant).theory.step_size
+        beta, _ = theory_step_size(family.L, family.rho, inner_lr, c, None)
         state.append(
             (
                 model,
@@ -158,16 +178,17 @@ def linear_part(steps: int, tail: int, seed: int) -> dict:
                     "sigma": sigma,
                     "inner_lr_sigma": inner_lr * sigma,
                     "exact_fomaml_floor": family.fomaml_floor(inner_lr),
-                    "beta": step_size_constant(variant) / (4 * family.L),
+                    "beta": variants.get(variant).theory.step_size / (4 * family.L),
                 }
             )
 
-    all_runs = [(v, a) for a in INNER_LRS for v in VARIANTS]
+    names = theory_variants()
+    all_runs = [(v, a) for a in INNER_LRS for v in names]
     for scale in (1, SCALE):
         group(all_runs, 1.0, scale)
     for spread in SPREADS:
         if spread != 1.0:
-            group([("fomaml", INNER_LRS[1]), ("maml", INNER_LRS[1])], spread, 1)
+            group([(v, INNER_LRS[1]) for v in [*floored(names), REFERENCE]], spread, 1)
     return {"curves": curves, "records": records}
 
 
@@ -183,20 +204,20 @@ def plot_linear(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     curves, records = result["curves"], result["records"]
-    colors = {"maml": "tab:blue", "fomaml": "tab:red", "hfmaml": "tab:green"}
+    names = theory_variants()
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
 
     ax = axes[0]
     alpha = INNER_LRS[-1]
-    for variant in VARIANTS:
+    for variant in names:
         for scale, style in ((1, "-"), (SCALE, "--")):
             curve = curves[(variant, alpha, 1.0, scale)]
             ax.plot(
                 curve,
                 style,
-                color=colors[variant],
+                color=color(variant),
                 lw=0.8,
-                label=f"{TITLES[variant]}, B={TASKS * scale}, D={SHOTS * scale}",
+                label=f"{title(variant)}, B={TASKS * scale}, D={SHOTS * scale}",
             )
     floor = LinearTaskFamily().fomaml_floor(alpha)
     ax.axhline(floor, color="black", ls=":", lw=1, label=f"FO-MAML floor (exact) {floor:.3f}")
@@ -209,7 +230,7 @@ def plot_linear(result: dict, path: Path) -> None:
     ax.legend(fontsize=7)
 
     ax = axes[1]
-    for variant in VARIANTS:
+    for variant in names:
         for scale, marker in ((1, "o"), (SCALE, "s")):
             finals = [
                 _pick(records, variant=variant, inner_lr=a, spread=1.0, tasks=TASKS * scale)[
@@ -222,8 +243,8 @@ def plot_linear(result: dict, path: Path) -> None:
                 finals,
                 marker=marker,
                 ls="-" if scale == 1 else "--",
-                color=colors[variant],
-                label=f"{TITLES[variant]}, {scale}x batches",
+                color=color(variant),
+                label=f"{title(variant)}, {scale}x batches",
             )
     grid = np.linspace(INNER_LRS[0] * 0.8, INNER_LRS[-1] * 1.1, 50)
     ax.plot(
@@ -242,17 +263,18 @@ def plot_linear(result: dict, path: Path) -> None:
     ax.legend(fontsize=7)
 
     ax = axes[2]
-    fo = [r for r in records if r["variant"] == "fomaml"]
-    for scale, marker in ((1, "o"), (SCALE, "s")):
-        pts = [r for r in fo if r["tasks"] == TASKS * scale]
-        ax.scatter(
-            [r["inner_lr_sigma"] for r in pts],
-            [r["final"] for r in pts],
-            marker=marker,
-            color="tab:red",
-            label=f"FO-MAML measured, {scale}x batches",
-            zorder=3,
-        )
+    fo = _floored_records(records)
+    for variant in floored(names):
+        for scale, marker in ((1, "o"), (SCALE, "s")):
+            pts = [r for r in fo if r["variant"] == variant and r["tasks"] == TASKS * scale]
+            ax.scatter(
+                [r["inner_lr_sigma"] for r in pts],
+                [r["final"] for r in pts],
+                marker=marker,
+                color=color(variant),
+                label=f"{title(variant)} measured, {scale}x batches",
+                zorder=3,
+            )
     exact = sorted((r["inner_lr_sigma"], r["exact_fomaml_floor"]) for r in fo)
     ax.plot(*zip(*exact, strict=True), "k:", marker="x", label="FO-MAML floor (exact)")
     slope = _floor_slope(records)
@@ -275,9 +297,15 @@ def plot_linear(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _floored_records(records: list[dict]) -> list[dict]:
+    """The records of the runs whose variant's bound has a floor (FO-MAML's)."""
+    names = set(floored({r["variant"] for r in records}))
+    return [r for r in records if r["variant"] in names]
+
+
 def _floor_slope(records: list[dict]) -> float:
     """k of ``floor = k * inner_lr * L * sigma``, least squares through 0 over the exact floors."""
-    fo = [r for r in records if r["variant"] == "fomaml"]
+    fo = _floored_records(records)
     x = np.array([r["inner_lr_sigma"] * LinearTaskFamily().L for r in fo])
     y = np.array([r["exact_fomaml_floor"] for r in fo])
     return float(x @ y / (x @ x))
@@ -332,8 +360,10 @@ def sinusoid_part(
     )
     held_out = SinusoidTasks(monitor_shots, monitor_shots, monitor_shots)
     histories, betas, fd_errors = {}, {}, {}
-    for variant in VARIANTS:
-        extra = {"delta": "theory", "rho": estimates.rho} if variant == "hfmaml" else {}
+    for variant in theory_variants():
+        # A finite-difference variant takes the theorem's delta = 1 / (6 rho alpha ||v||).
+        finite_difference = variants.get(variant).theory.finite_difference
+        extra = {"delta": "theory", "rho": estimates.rho} if finite_difference else {}
         learner = MetaLearner(
             copy.deepcopy(model),
             make_algorithm(variant, inner_lr, **extra),
@@ -361,13 +391,15 @@ def sinusoid_part(
             ),
         )
         print(
-            f"  {TITLES[variant]}: {steps} steps in {time.perf_counter() - started:.0f} s",
+            f"  {title(variant)}: {steps} steps in {time.perf_counter() - started:.0f} s",
             flush=True,
         )
         histories[variant] = monitor.history
         betas[variant] = step_size.beta
-        if variant == "hfmaml":
-            fd_errors = _finite_difference_errors(learner, monitor, estimates.rho, inner_lr)
+        if finite_difference:
+            fd_errors[variant] = _finite_difference_errors(
+                variant, learner, monitor, estimates.rho, inner_lr
+            )
     return {
         "estimates": estimates.as_dict(),
         "inner_lr": inner_lr,
@@ -376,14 +408,15 @@ def sinusoid_part(
         "step_shots": step_shots,
         "histories": histories,
         "last_beta": betas,
-        "hfmaml_relative_error": fd_errors,
+        **{f"{variant}_relative_error": errors for variant, errors in fd_errors.items()},
     }
 
 
 def _finite_difference_errors(
-    learner: MetaLearner, monitor: StationarityMonitor, rho: float, inner_lr: float
+    variant: str, learner: MetaLearner, monitor: StationarityMonitor, rho: float, inner_lr: float
 ) -> dict[str, float]:
-    """``||g_HF - g_MAML|| / ||g_MAML||`` on the monitor's held-out tasks, per delta rule.
+    """``||g_HF - g_MAML|| / ||g_MAML||`` on the monitor's held-out tasks, per delta rule of the
+    finite-difference ``variant`` (HF-MAML), and for the other variants without Hessian terms.
 
     The ReLU network is not twice differentiable (A2 fails at the kinks): a perturbation that
     moves a unit across its kink changes the gradient by a jump, which the finite difference
@@ -391,20 +424,28 @@ def _finite_difference_errors(
     """
     tasks = monitor.held_out
     exact = (
-        make_algorithm("maml", inner_lr).meta_gradient(learner.model, learner.loss_fn, tasks).grads
+        make_algorithm(REFERENCE, inner_lr)
+        .meta_gradient(learner.model, learner.loss_fn, tasks)
+        .grads
     )
     rules = {"theory": {"delta": "theory", "rho": rho}}
     rules.update({f"delta_scale={c:g}": {"delta_scale": c} for c in (1e-1, 1e-2, 1e-3, 1e-4, 1e-5)})
     errors = {}
     for name, kwargs in rules.items():
         approx = (
-            make_algorithm("hfmaml", inner_lr, **kwargs)
+            make_algorithm(variant, inner_lr, **kwargs)
             .meta_gradient(learner.model, learner.loss_fn, tasks)
             .grads
         )
         errors[name] = (tree_norm(axpy(-1.0, exact, approx)) / tree_norm(exact)).item()
-    fomaml = FOMAML(inner_lr).meta_gradient(learner.model, learner.loss_fn, tasks).grads
-    errors["FO-MAML"] = (tree_norm(axpy(-1.0, exact, fomaml)) / tree_norm(exact)).item()
+    for other in theory_variants():
+        if other not in (variant, REFERENCE) and variants.get(other).theory.hessian_batch is None:
+            grads = make_algorithm(other, inner_lr).meta_gradient(
+                learner.model, learner.loss_fn, tasks
+            )
+            errors[title(other)] = (
+                tree_norm(axpy(-1.0, exact, grads.grads)) / tree_norm(exact)
+            ).item()
     return errors
 
 
@@ -415,18 +456,17 @@ def plot_sinusoid(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"maml": "tab:blue", "fomaml": "tab:red", "hfmaml": "tab:green"}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for variant, history in result["histories"].items():
         steps, values, stderr = (np.array(c) for c in zip(*history, strict=True))
         ax.plot(
             steps,
             values,
-            color=colors[variant],
+            color=color(variant),
             marker=".",
-            label=f"{TITLES[variant]} (last beta {result['last_beta'][variant]:.2e})",
+            label=f"{title(variant)} (last beta {result['last_beta'][variant]:.2e})",
         )
-        ax.fill_between(steps, values - stderr, values + stderr, color=colors[variant], alpha=0.15)
+        ax.fill_between(steps, values - stderr, values + stderr, color=color(variant), alpha=0.15)
     ax.set(
         xlabel="step k",
         ylabel=f"||grad F(w_k)|| (StationarityMonitor, {result['monitor_tasks']} tasks)",
@@ -459,7 +499,7 @@ def log_wandb(output: Path, linear: dict, sinusoid: dict | None, figures: list[P
     run.define_metric("linear/*", step_metric="linear/step")
     headline = {
         f"linear/{v}/{s}x/grad_F_norm": linear["curves"][(v, INNER_LRS[-1], 1.0, s)]
-        for v in VARIANTS
+        for v in theory_variants()
         for s in (1, SCALE)
     }
     length = len(next(iter(headline.values())))
@@ -514,13 +554,16 @@ def summary(linear: dict, sinusoid: dict | None) -> str:
         for variant, history in sinusoid["histories"].items():
             (s0, v0, _), (s1, v1, e1) = history[0], history[-1]
             lines.append(
-                f"  {TITLES[variant]:<8} ||grad F|| {v0:.3f} at step {s0} -> {v1:.3f} +- {e1:.3f} at step {s1}"
+                f"  {title(variant):<8} ||grad F|| {v0:.3f} at step {s0} -> {v1:.3f} +- {e1:.3f} at step {s1}"
             )
-        lines.append(
-            "  meta-gradient vs MAML's on the held-out tasks at HF-MAML's last iterate, relative "
-            "error: "
-            + ", ".join(f"{k}: {v:.3g}" for k, v in sinusoid["hfmaml_relative_error"].items())
-        )
+        for variant in theory_variants():
+            errors = sinusoid.get(f"{variant}_relative_error")
+            if errors is not None:
+                lines.append(
+                    f"  meta-gradient vs {title(REFERENCE)}'s on the held-out tasks at "
+                    f"{title(variant)}'s last iterate, relative error: "
+                    + ", ".join(f"{k}: {v:.3g}" for k, v in errors.items())
+                )
     return "\n".join(lines)
 
 

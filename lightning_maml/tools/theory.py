@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
+from lightning_maml import variants
 from lightning_maml.tasks import TaskBatch
-from lightning_maml.theory.constants import VARIANTS
 from lightning_maml.theory.estimate import ConstantEstimates, estimate_constants
-from lightning_maml.theory.plan import TITLES, Unreachable, format_plan, plan_variant
+from lightning_maml.theory.plan import Unreachable, compute_plan, explain_refusal, format_plan
 
 __all__ = ["estimate_main", "format_estimates", "plan_main"]
 
@@ -171,8 +171,9 @@ def plan_main(argv: list[str]) -> int:
         default=1.0,
         help="F(w_0) - min F for the iteration bound (default 1)",
     )
+    covered = variants.names(theory=True)
     parser.add_argument(
-        "--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="variants to plan"
+        "--variants", nargs="+", choices=covered, default=covered, help="variants to plan"
     )
     args = parser.parse_args(argv)
 
@@ -194,12 +195,16 @@ def plan_main(argv: list[str]) -> int:
         + ", ".join(f"{name} = {values[name]:.4g}" for name in PLAN_INPUTS)
         + f", eps = {args.eps:.4g}, Delta = {args.Delta:.4g}"
     )
+    # What a refused variant can turn to: the covered variants whose bounds have no floor.
+    floorless = [v.title for v in variants.variants(theory=True) if not v.theory.bias]
     status = 0
-    for variant in args.variants:
+    for name in args.variants:
+        variant = variants.get(name)
         print()
         try:
-            print(format_plan(plan_variant(variant, eps=args.eps, Delta=args.Delta, **values)))
+            plan = compute_plan(variant.theory, eps=args.eps, Delta=args.Delta, **values)
+            print(format_plan(plan, variant.title))
         except Unreachable as refusal:
-            print(f"{TITLES[variant]}\nREFUSED: {refusal}")
+            print(f"{variant.title}\nREFUSED: {explain_refusal(refusal, variant.title, floorless)}")
             status = 2
     return status
