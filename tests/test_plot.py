@@ -70,8 +70,18 @@ def test_several_runs_and_chosen_series(csv_run, tmp_path):
         (lambda d: d, "is not a run: pass a CSVLogger run directory"),
         (lambda d: _write(d / "other.csv", "a,b\n1,2\n"), "no 'step' column"),
         (lambda d: _write(d / "run-x.wandb", "not a log"), "not a W&B run file"),
+        # Before: "None of train/loss, ... was logged; choose with --keys from: nothing."
+        (
+            lambda d: _write(d / "metrics.csv", "step,train/loss,note\n0,n/a,x\n1,-,y\n"),
+            "metrics.csv: nothing to plot, its columns train/loss, note hold no numeric values. "
+            "plot draws each numeric column against the number in 'step'",
+        ),
+        (
+            lambda d: _write(d / "metrics.csv", "step,train/loss\nfirst,0.5\n"),
+            "metrics.csv: nothing to plot, its 'step' column holds no numbers",
+        ),
     ],
-    ids=["missing", "empty-dir", "foreign-csv", "foreign-wandb"],
+    ids=["missing", "empty-dir", "foreign-csv", "foreign-wandb", "text-values", "text-steps"],
 )
 def test_what_is_not_a_run_gets_a_clear_error(make, match, tmp_path, capsys):
     path = make(tmp_path)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from lightning_maml.checks import check_positive
 from lightning_maml.theory.constants import THEORY, VARIANTS, SharedConstants, VariantConstants
 
 __all__ = [
@@ -167,13 +168,13 @@ def plan_variant(
     """
     if variant not in VARIANTS:
         raise ValueError(f"Unknown variant {variant!r}: use one of {list(VARIANTS)}.")
-    if not L > 0 or not inner_lr > 0 or not eps > 0 or not Delta > 0:
-        raise ValueError(
-            f"L, inner_lr, eps and Delta must be > 0, got L={L}, inner_lr={inner_lr}, eps={eps}, "
-            f"Delta={Delta}."
-        )
-    if min(rho, sigma, sigma_tilde, sigma_H) < 0:
-        raise ValueError("rho, sigma, sigma_tilde and sigma_H must be >= 0.")
+    for name, value in {"L": L, "inner_lr": inner_lr, "eps": eps, "Delta": Delta}.items():
+        check_positive(name, value)
+    spreads = {"rho": rho, "sigma": sigma, "sigma_tilde": sigma_tilde, "sigma_H": sigma_H}
+    for name, value in spreads.items():
+        # NaN passes every comparison: it would surface as "cannot convert float NaN to integer".
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
     k = constants or THEORY[variant]
     shared = shared or SharedConstants()
     title = TITLES[variant]
