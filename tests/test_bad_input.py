@@ -439,7 +439,7 @@ def test_python_trainer_with_the_lock_callback(tmp_path):
 
     fit()
     fit()  # the first released its lock at teardown
-    held = FileLock(tmp_path / "lightning_logs" / "version_3.lock")  # another holder
+    held = FileLock(tmp_path / "lightning_logs" / ".version_3.lock")  # another holder
     with held, pytest.raises(RunDirectoryInUse, match=r"version_3 is in use by another run"):
         fit()
     fit()  # and a refused run holds nothing either

@@ -2,10 +2,10 @@
 
 Two runs given the same CSVLogger version (``--trainer.logger.init_args.version 3`` twice, or
 two starts that pick the same next free version) write one ``metrics.csv``: Lightning empties it
-when the second starts and both then append their rows to it, interleaved. A lock file beside
-the run directory (``version_3.lock`` next to ``version_3/``, held through :mod:`filelock`, which
-the operating system releases if the process dies) makes the second run stop with the name of
-the directory and the option to change.
+when the second starts and both then append their rows to it, interleaved. A lock beside the run
+directory (on the file ``.version_3.lock`` next to ``version_3/``, through :mod:`filelock`; the
+operating system releases it when the process ends, however it ends, and the empty file stays)
+makes the second run stop with the name of the directory and the option to change.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class RunDirectoryLock(Callback):
             if directory in self._locks or directory in self._inherited:
                 continue
             directory.parent.mkdir(parents=True, exist_ok=True)
-            lock = FileLock(directory.with_name(f"{directory.name}.lock"), timeout=0)
+            lock = FileLock(directory.with_name(f".{directory.name}.lock"), timeout=0)
             try:
                 lock.acquire()
             except Timeout:
