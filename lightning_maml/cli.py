@@ -114,7 +114,10 @@ class MetaCLI(LightningCLI):
         lock = RunDirectoryLock()
         self.trainer.callbacks.append(lock)
         lock.acquire(self.trainer)
-        super()._run_subcommand(subcommand)
+        try:
+            super()._run_subcommand(subcommand)
+        finally:  # ddp_spawn's ranks run the hooks in their own processes, not in this one
+            lock.release()
 
     @override
     def _parse_ckpt_path(self) -> None:

@@ -139,7 +139,7 @@ def test_the_library_planner_refuses_nan_too():
             inner_lr=0.025,
             eps=0.5,
         )
-    with pytest.raises(ValueError, match=r"^L must be a positive finite number, got inf\.$"):
+    with pytest.raises(ValueError, match=r"^L must be a finite number > 0, got inf\.$"):
         plan_variant(
             "maml",
             L=float("inf"),

@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from lightning_maml.checks import check_positive
 from lightning_maml.theory.constants import THEORY, VARIANTS, SharedConstants, VariantConstants
 
 __all__ = [
@@ -168,11 +167,12 @@ def plan_variant(
     """
     if variant not in VARIANTS:
         raise ValueError(f"Unknown variant {variant!r}: use one of {list(VARIANTS)}.")
+    # NaN passes every comparison: it would surface as "cannot convert float NaN to integer".
     for name, value in {"L": L, "inner_lr": inner_lr, "eps": eps, "Delta": Delta}.items():
-        check_positive(name, value)
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
     spreads = {"rho": rho, "sigma": sigma, "sigma_tilde": sigma_tilde, "sigma_H": sigma_H}
     for name, value in spreads.items():
-        # NaN passes every comparison: it would surface as "cannot convert float NaN to integer".
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
     k = constants or THEORY[variant]
