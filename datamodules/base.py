@@ -57,6 +57,7 @@ class TrainTaskStream(IterableDataset):
         world_size: int = 1,
     ) -> None:
         check_divisible(meta_batch_size, world_size)
+        check_int("seed", seed, 0)
         self.sampler = sampler
         self.meta_batch_size = meta_batch_size
         self.seed = seed
@@ -166,6 +167,9 @@ class MetaDataModule(LightningDataModule):
             ("num_test_tasks", num_test_tasks),
         ]:
             check_int(name, value)
+        # NumPy seeds tasks with [seed, stream, ...]: a negative seed would fail only when the
+        # first task is drawn, with a message that names neither the argument nor the fix.
+        check_int("seed", seed, 0)
         if eval_meta_batch_size is not None:
             check_int("eval_meta_batch_size", eval_meta_batch_size)
         if num_workers < 0:

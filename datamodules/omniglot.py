@@ -7,16 +7,18 @@ Where to get the data (any one of these layouts under ``root``):
 - ``images_background/`` + ``images_evaluation/``, or ``images_background.zip`` +
   ``images_evaluation.zip``: the official release, ``python/`` folder of
   https://github.com/brendenlake/omniglot (``<alphabet>/characterNN/NNNN_DD.png``, where NNNN is
-  the official character number and DD the drawer).
+  the official character number and DD the drawer). Each ``<alphabet>/<character>`` folder is one
+  class, whatever the numbers in its file names (some repackagings restart them per alphabet).
 - ``omniglot-py/``: what ``torchvision.datasets.Omniglot(root, download=True)`` leaves, the same
   folders (or zips) one level down.
 
 ``lightning-maml download omniglot --root ROOT``, or ``download=True`` on the datamodule, fetches
 the official zips, verified (see :mod:`datamodules.download`).
 
-Every image is inverted (ink = 1) and resized to ``image_size`` with Pillow's Lanczos filter,
-which antialiases. Reading and resizing the 32,460 images takes a few seconds, so nothing is cached
-on disk.
+Every image is inverted (ink = 1; a PNG with an alpha channel is first composited on white, so
+that ink held in the alpha channel stays ink) and resized to ``image_size`` with Pillow's Lanczos
+filter, which antialiases. Reading and resizing the 32,460 images takes a few seconds, so nothing
+is cached on disk.
 """
 
 from __future__ import annotations
@@ -139,11 +141,32 @@ def _png_members(part: str, source: Path) -> Iterator[tuple[str, Callable[[], by
                     yield name, lambda name=name: archive.read(name)
 
 
-def _read_pngs(part: str, source: Path, image_size: int) -> dict[int, list[np.ndarray]]:
-    """Reads one part's PNGs: official character number -> its images, in drawer order."""
-    found: dict[int, list[tuple[int, np.ndarray]]] = {}
+def _gray_on_white(image: Image.Image) -> np.ndarray:
+    """An 8-bit grayscale array of ``image``, transparent parts read as white paper.
+
+    ``convert("L")`` drops the alpha channel: a PNG whose ink lives in its alpha channel (black
+    or any colour, transparent background) would turn all ink. Composited on white first, ink
+    stays ink whichever channel holds it.
+    """
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(paper, rgba).convert("L"))
+    return np.asarray(image.convert("L"))
+
+
+def _read_pngs(part: str, source: Path, image_size: int) -> list[list[np.ndarray]]:
+    """Reads one part's PNGs: the images of each character, in drawer order.
+
+    A character is its ``<alphabet>/<character>/`` folder, not the number in its file names:
+    several repackagings restart that number in every alphabet, where the number alone would
+    merge characters of different alphabets into one class. Characters come in the order of the
+    official numbers (alphabets by their first number, then by name; characters likewise), which
+    for the official release is the official character order.
+    """
+    found: dict[tuple[str, str], list[tuple[int, int, np.ndarray]]] = {}
     for name, read in _png_members(part, source):
-        filename = name.rsplit("/", 1)[-1]
+        *_, alphabet, character, filename = name.split("/")
         if filename.startswith("."):
             continue
         match = _PNG_NAME.match(filename)
@@ -154,16 +177,31 @@ def _read_pngs(part: str, source: Path, image_size: int) -> dict[int, list[np.nd
             )
         try:
             with Image.open(io.BytesIO(read())) as image:
-                gray = np.asarray(image.convert("L"))
+                gray = _gray_on_white(image)
         except (UnidentifiedImageError, OSError, zipfile.BadZipFile, zlib.error) as err:
             raise ValueError(f"{source}: cannot decode {name} ({err}).") from err
-        character, drawer = int(match[1]), int(match[2])
-        found.setdefault(character, []).append((drawer, _resize(255 - gray, image_size)))
+        number, drawer = int(match[1]), int(match[2])
+        found.setdefault((alphabet, character), []).append(
+            (number, drawer, _resize(255 - gray, image_size))
+        )
     if not found:
         raise FileNotFoundError(
             f"{source} holds no <alphabet>/<character>/NNNN_DD.png images under {part}/."
         )
-    return {c: [image for _, image in sorted(found[c], key=lambda d: d[0])] for c in found}
+    first_of_alphabet: dict[str, int] = {}
+    for (alphabet, _), images in found.items():
+        first = min(number for number, _, _ in images)
+        first_of_alphabet[alphabet] = min(first_of_alphabet.get(alphabet, first), first)
+
+    def order(key: tuple[str, str]) -> tuple[int, str, int, str]:
+        alphabet, character = key
+        first = min(number for number, _, _ in found[key])
+        return first_of_alphabet[alphabet], alphabet, first, character
+
+    return [
+        [image for _, _, image in sorted(found[key], key=lambda d: (d[1], d[0]))]
+        for key in sorted(found, key=order)
+    ]
 
 
 def _locate(root: Path) -> tuple[str, dict[str, Path]]:
@@ -221,8 +259,7 @@ def read_omniglot(root: str | Path, image_size: int = 28) -> OmniglotData:
     else:
         for part, source in sources.items():
             characters = _read_pngs(part, source, image_size)
-            for number in sorted(characters):
-                per_character.append(characters[number])
+            per_character += characters
             background += [part == "images_background"] * len(characters)
     sizes = np.array([len(c) for c in per_character])
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
@@ -320,6 +357,7 @@ class OmniglotDataModule(EpisodicDataModule):
         check_int("image_size", image_size)
         check_int("val_characters", val_characters)
         check_int("test_characters", test_characters)
+        check_int("split_seed", split_seed, 0)
         self.save_hyperparameters()
         self.root = Path(root)
         self.download = download

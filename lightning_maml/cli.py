@@ -26,8 +26,15 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from lightning_maml.callbacks.run_lock import RunDirectoryLock
 from lightning_maml.checks import check_checkpoint_file
 from lightning_maml.learner import MetaLearner
+from lightning_maml.subcommands import (
+    add_tools_to_help,
+    command_line_problem,
+    label_untrained,
+    warn_if_untrained,
+)
 
 __all__ = ["MetaCLI", "main"]
 
@@ -89,6 +96,29 @@ class MetaCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(MetaLearner, LightningDataModule, *args, **kwargs)
 
+    @staticmethod
+    @override
+    def subcommands() -> dict[str, set[str]]:
+        # predict is refused in main(): Lightning's loop has no support sets to adapt to.
+        return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
+
+    @override
+    def _add_subcommands(self, parser, **kwargs) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        add_tools_to_help(parser, TOOLS)
+
+    @override
+    def _run_subcommand(self, subcommand: str) -> None:
+        # Locked before the Trainer starts: Lightning's CSVLogger empties its directory's
+        # metrics.csv during set-up, before any callback could refuse the run.
+        lock = RunDirectoryLock()
+        self.trainer.callbacks.append(lock)
+        lock.acquire(self.trainer)
+        try:
+            super()._run_subcommand(subcommand)
+        finally:  # ddp_spawn's ranks run the hooks in their own processes, not in this one
+            lock.release()
+
     @override
     def _parse_ckpt_path(self) -> None:
         # LightningCLI would load the checkpoint's hyper-parameters over the config and the
@@ -104,10 +134,16 @@ class MetaCLI(LightningCLI):
     def after_fit(self) -> None:
         finish_wandb_runs(self.trainer)
 
+    def before_test(self) -> None:
+        warn_if_untrained("test", self.config["test"].get("ckpt_path"))
+
+    def before_validate(self) -> None:
+        warn_if_untrained("validate", self.config["validate"].get("ckpt_path"))
+
     def after_test(self) -> None:
         line = test_summary(self.trainer)
         if line is not None and self.trainer.is_global_zero:
-            print(line)
+            print(label_untrained(line, self.config["test"].get("ckpt_path")))
         finish_wandb_runs(self.trainer)
 
     def after_validate(self) -> None:
@@ -278,6 +314,10 @@ def main(argv: list[str] | None = None) -> int | None:
     if args and args[0] in TOOLS:
         module, function = TOOLS[args[0]].split(":")
         return getattr(importlib.import_module(module), function)(args[1:])
+    problem = command_line_problem(args)
+    if problem is not None:
+        print(f"lightning-maml: error: {problem}", file=sys.stderr)
+        return 2
     default_wandb_offline()
     try:
         # None lets LightningCLI read sys.argv itself (given both, it warns).

@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, SumMetric
 
@@ -29,6 +30,15 @@ LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "mse": mse_loss,  # written out: F.mse_loss fails under forward-mode HVPs (torch 2.13)
     "cross_entropy": nn.functional.cross_entropy,
 }
+
+
+#: Lightning's advice to log with ``sync_dist=True``, for the evaluation metrics: they are logged
+#: from torchmetrics states already reduced over the ranks (the same value on every rank), so a
+#: second reduction would add a collective per metric and change nothing.
+REDUCED_METRICS_ADVICE = (
+    r"It is recommended to use `self\.log\('(val|test)/(loss|accuracy|loss_ci95|accuracy_ci95|"
+    r"loss_before)', \.\.\., sync_dist=True\)`"
+)
 
 
 def default_meta_optimizer(params) -> torch.optim.Optimizer:
@@ -278,6 +288,8 @@ class MetaLearner(LightningModule):
     # -- set-up ----------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
+        # In every process (ddp_spawn starts fresh ones); filterwarnings replaces its own copy.
+        warnings.filterwarnings("ignore", REDUCED_METRICS_ADVICE, PossibleUserWarning)
         # Under ddp_spawn the metric states reach every rank in one shared-memory block, which
         # in-place updates would write for all ranks; reset gives each rank its own.
         for metric in self.eval_metrics.values():
@@ -455,7 +467,9 @@ class MetaLearner(LightningModule):
                 f"global step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx}): "
                 f"meta-loss {step.loss.item():.4g}, meta-gradient norm {grad_norm.item():.4g}. "
                 "Training stopped before the parameters were changed. Lower the inner_lr or "
-                "the meta learning rate, or set gradient_clip_val."
+                "the meta learning rate, or clip the meta-gradient with --model.gradient_clip_val "
+                "(MetaLearner(gradient_clip_val=...); the Trainer's gradient_clip_val does not "
+                "apply under manual optimization)."
             )
         if self.gradient_clip_val is not None:
             self.clip_gradients(

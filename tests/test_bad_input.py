@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import csv
 import math
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -278,3 +282,164 @@ def test_counts_are_checked_alike_everywhere(build, name):
     # One check: before, meta_batch_size=True was accepted where inner_steps=True was refused.
     with pytest.raises(ValueError, match=rf"^{name} must be an integer >= "):
         build()
+
+
+# -- what the command line says (each case as a user met it) -------------------------------
+
+
+def test_cli_test_without_a_checkpoint_says_it_tested_the_initialisation(tmp_path, capsys):
+    args = ["test", "--config", SINUSOID, *CSV, f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    with pytest.warns(
+        UserWarning,
+        match=r"no --ckpt_path: `lightning-maml test` evaluates the "
+        r"model's initialisation.*--ckpt_path .*checkpoints/last\.ckpt",
+    ):
+        assert main([*args, "--data.init_args.num_test_tasks=4"]) is None
+    # Before: a paper-style line for random weights, no word about it.
+    (summary,) = [line for line in capsys.readouterr().out.splitlines() if "test loss" in line]
+    assert summary.endswith("over 4 tasks -- UNTRAINED: the initialisation, no --ckpt_path given")
+
+
+def test_cli_test_of_a_checkpoint_is_not_labelled_untrained(sinusoid_checkpoint, tmp_path, capsys):
+    assert cli_test(sinusoid_checkpoint, tmp_path) is None
+    (summary,) = [line for line in capsys.readouterr().out.splitlines() if "test loss" in line]
+    assert summary.endswith("over 4 tasks")
+
+
+def test_cli_help_lists_every_subcommand(capsys):
+    from lightning_maml.cli import TOOLS
+    from lightning_maml.subcommands import TOOL_DESCRIPTIONS, TRAINER_DESCRIPTIONS
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the descriptions
+    assert set(TOOL_DESCRIPTIONS) == set(TOOLS)
+    for name, description in {**TRAINER_DESCRIPTIONS, **TOOL_DESCRIPTIONS}.items():
+        assert f"{name} {description}" in out
+    assert "predict" not in out
+
+
+def test_cli_predict_is_refused_with_what_to_use(capsys):
+    # Before: Lightning's "`predict_dataloader` must be implemented" from deep in the loop.
+    assert main(["predict", "--config", SINUSOID]) == 2
+    line = last_line(capsys)
+    assert line.startswith("lightning-maml: error: predict is not available: a meta-learner")
+    assert "lightning-maml test --config RECIPE.yaml --ckpt_path CKPT" in line
+
+
+def test_cli_yaml_error_in_a_second_config_names_the_file_and_line(tmp_path, capsys):
+    override = tmp_path / "override.yaml"
+    override.write_text("trainer:\n  max_steps: 3\n  limit_val_batches: [1, 2\n")
+    assert main(["fit", "--config", SINUSOID, "--config", str(override)]) == 2
+    line = last_line(capsys)
+    assert line.startswith(f"lightning-maml: error: --config {override}: not valid YAML, line 4, ")
+    assert "flow sequence at line 3, column 22" in line
+
+
+def test_cli_negative_data_seed_names_the_argument(tmp_path, capsys):
+    args = ["fit", "--config", SINUSOID, *CSV, f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    assert main([*args, "--data.init_args.seed=-1"]) == 1
+    assert last_line(capsys) == (
+        "lightning-maml: error: ValueError: seed must be an integer >= 0, got -1."
+    )
+
+
+def test_cli_non_finite_meta_loss_advises_the_option_that_works(tmp_path, capsys):
+    args = [
+        "fit",
+        "--config",
+        SINUSOID,
+        *CSV,
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--trainer.max_steps=2",
+        "--trainer.num_sanity_val_steps=0",
+    ]
+    assert main([*args, "--model.algorithm.init_args.inner_lr=1e30"]) == 1
+    line = last_line(capsys)
+    assert "FloatingPointError: Non-finite meta-loss at global step 0" in line
+    assert "--model.gradient_clip_val" in line
+    # The advised option is accepted by the command line (the Trainer's is refused under
+    # manual optimization).
+    assert main([*args, "--model.gradient_clip_val=1.0"]) is None
+
+
+# -- one run per run directory -------------------------------------------------------------
+
+
+def locked_fit(save_dir: Path, *extra: str) -> list[str]:
+    return [
+        "fit",
+        "--config",
+        SINUSOID,
+        *CSV,
+        f"--trainer.logger.init_args.save_dir={save_dir}",
+        "--trainer.logger.init_args.version=7",
+        "--data.init_args.num_val_tasks=4",
+        *extra,
+    ]
+
+
+@pytest.mark.slow
+def test_cli_second_run_into_a_run_directory_in_use_is_refused(tmp_path, capsys):
+    env = {**os.environ, "PYTHONPATH": str(RECIPES.parent), "WANDB_MODE": "disabled"}
+    long_run = locked_fit(
+        tmp_path,
+        "--trainer.max_steps=1000000",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.logger.init_args.flush_logs_every_n_steps=1",
+    )
+    first = subprocess.Popen(
+        [sys.executable, "-m", "lightning_maml.cli", *long_run],
+        env={**env, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    metrics = tmp_path / "lightning_logs" / "version_7" / "metrics.csv"
+    try:
+        deadline = time.monotonic() + 180
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) > 2):
+            assert first.poll() is None, "the first run ended early"
+            assert time.monotonic() < deadline, "the first run logged nothing in 180 s"
+            time.sleep(0.5)
+        assert main(locked_fit(tmp_path, "--trainer.max_steps=1")) == 1
+        line = last_line(capsys)
+        assert line.startswith(
+            "lightning-maml: error: RunDirectoryInUse: the run directory "
+            f"{metrics.parent.resolve()} is in use by another run"
+        )
+        assert "--trainer.logger.init_args.version" in line
+        # Refused before Lightning's CSVLogger emptied the first run's metrics.csv.
+        rows = list(csv.DictReader(metrics.open()))
+        assert rows and rows[0]["step"] == "0"
+    finally:
+        first.kill()
+        first.wait()
+    # Killed, the first run holds nothing: the directory is free again.
+    assert main(locked_fit(tmp_path, "--trainer.max_steps=1")) is None
+
+
+def test_python_trainer_with_the_lock_callback(tmp_path):
+    from filelock import FileLock
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_maml.callbacks.run_lock import RunDirectoryInUse, RunDirectoryLock
+
+    def fit() -> None:
+        trainer = L.Trainer(
+            max_steps=1,
+            logger=CSVLogger(tmp_path, version=3),
+            callbacks=[RunDirectoryLock()],
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+        )
+        trainer.fit(MetaLearner(MLP(hidden=8), MAML(0.01)), SinusoidDataModule(meta_batch_size=2))
+
+    fit()
+    fit()  # the first released its lock at teardown
+    held = FileLock(tmp_path / "lightning_logs" / ".version_3.lock")  # another holder
+    with held, pytest.raises(RunDirectoryInUse, match=r"version_3 is in use by another run"):
+        fit()
+    fit()  # and a refused run holds nothing either

@@ -140,8 +140,15 @@ def test_checkpoint_taken_under_ddp_resumes_on_one_and_two_processes(tmp_path):
             torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6)
 
 
+class LogUnreducedValue(L.Callback):
+    """Logs a plain tensor at the end of validation: Lightning's sync_dist advice must remain."""
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        pl_module.log("control/unreduced", torch.tensor(1.0))
+
+
 @pytest.mark.parametrize("num_val_tasks", [10, 3], ids=["uneven", "one-batch"])
-def test_validation_metrics_reduce_over_ranks_without_duplicates(num_val_tasks):
+def test_validation_metrics_reduce_over_ranks_without_duplicates(num_val_tasks, capfd):
     results = {}
     for devices in [1, 2]:
         L.seed_everything(0)
@@ -153,10 +160,16 @@ def test_validation_metrics_reduce_over_ranks_without_duplicates(num_val_tasks):
             logger=False,
             enable_progress_bar=False,
             enable_model_summary=False,
+            callbacks=[LogUnreducedValue()],
         )
         data = SinusoidDataModule(num_val_tasks=num_val_tasks, eval_meta_batch_size=4)
         results[devices] = trainer.validate(learner, datamodule=data, verbose=False)[0]
     # 10 tasks give each rank 5 (batches of 4 and 1); 3 tasks give the ranks 2 and 1, fewer
     # than one batch. Either way the reduced mean and interval are one process's over all tasks.
-    for key in ["val/loss", "val/loss_ci95"]:
+    for key in ["val/loss", "val/loss_ci95", "val/loss_before"]:
         assert results[2][key] == pytest.approx(results[1][key], rel=1e-5)
+    # The ranks' warnings reach this process's stderr: the advice for a value that is not
+    # reduced is printed, and none for the metrics that torchmetrics reduced before logging.
+    err = capfd.readouterr().err
+    assert "self.log('control/unreduced', ..., sync_dist=True)" in err
+    assert "self.log('val/" not in err

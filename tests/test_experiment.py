@@ -101,3 +101,38 @@ def test_sinusoid_part_and_wandb_run(tmp_path):
     }
     log_wandb(tmp_path, linear, result, [figure])  # WANDB_MODE=offline (tests/conftest.py)
     assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        # Before, --steps 0 wrote tables and figures whose "final" level was the start.
+        (
+            ["--steps", "0"],
+            "argument --steps: must be an integer >= 1, got 0 (with no step the final level is "
+            "the starting point's)",
+        ),
+        (["--steps", "10", "--tail", "11"], "--tail 11 is more than --steps 10"),
+        (["--tail", "0"], "argument --tail: must be an integer >= 1, got 0"),
+        (["--every", "-5"], "argument --every: must be an integer >= 1, got -5"),
+        (["--sinusoid_steps", "-1"], "argument --sinusoid_steps: must be an integer >= 0"),
+        (["--threads", "0"], "argument --threads: must be an integer >= 1, got 0"),
+        (["--seed", "-1"], "argument --seed: must be an integer >= 0, got -1"),
+    ],
+    ids=[
+        "zero-steps",
+        "tail-over-steps",
+        "zero-tail",
+        "negative-every",
+        "negative-sinusoid",
+        "zero-threads",
+        "negative-seed",
+    ],
+)
+def test_settings_that_would_give_meaningless_results_are_refused(args, message, tmp_path, capsys):
+    output = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--output", str(output), "--no_wandb", *args])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not output.exists()  # refused before anything is written

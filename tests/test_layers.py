@@ -28,6 +28,7 @@ RANK = {
     "learner": 4,
     "callbacks": 5,
     "cli": 6,
+    "subcommands": 6,
     "tools": 7,
 }
 

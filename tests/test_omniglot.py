@@ -260,6 +260,8 @@ def test_split_that_leaves_no_training_characters(tmp_path, archives):
         ({"split": "vinyals"}, "split must be 'finn' or 'background'"),
         ({"image_size": 0}, "image_size must be an integer >= 1"),
         ({"ways": 0}, "ways must be an integer >= 1"),
+        ({"seed": -1}, "seed must be an integer >= 0, got -1"),
+        ({"split_seed": -1}, "split_seed must be an integer >= 0, got -1"),
     ],
 )
 def test_bad_arguments(kwargs, match, tmp_path):
@@ -297,3 +299,63 @@ def test_device_tensors_give_the_same_run_through_meta_learner(real, cached, omn
         L.Trainer(max_steps=3, val_check_interval=2, **options).fit(learner, datamodule=dm)
         results.append(L.Trainer(**options).test(learner, datamodule=dm, verbose=False)[0])
     assert results[0] == results[1]
+
+
+def drawings(count: int, seed: int = 0) -> np.ndarray:
+    """``count`` random 12x12 ink masks (True = ink), each different from the others."""
+    return np.random.default_rng(seed).random((count, 12, 12)) < 0.3
+
+
+def write_png(path: Path, ink: np.ndarray, mode: str = "L") -> None:
+    """One drawing as the official PNGs hold it (black ink on white), or with ink in alpha."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "L":
+        image = Image.fromarray(np.where(ink, 0, 255).astype(np.uint8))
+    else:  # RGBA / LA: colour channels all black, the ink only in the alpha channel
+        alpha = np.where(ink, 255, 0).astype(np.uint8)
+        channels = [np.zeros_like(alpha)] * (3 if mode == "RGBA" else 1) + [alpha]
+        image = Image.fromarray(np.stack(channels, axis=-1), mode)
+    image.save(path)
+
+
+def test_numbering_that_restarts_in_each_alphabet_keeps_characters_apart(tmp_path):
+    # Two alphabets per part whose file names both start at 0001: before, a character was its
+    # number, so both alphabets' character01 became one class of 2 x 3 drawings.
+    ink = drawings(8 * 3).reshape(8, 3, 12, 12)
+    row = 0
+    for part in omniglot.PARTS:
+        for alphabet in ("Alpha", "Beta"):
+            for character in (1, 2):
+                for drawer in (1, 2, 3):
+                    name = f"{character:04d}_{drawer:02d}.png"
+                    folder = tmp_path / part / alphabet / f"character{character:02d}"
+                    write_png(folder / name, ink[row, drawer - 1])
+                row += 1
+    data = read_omniglot(tmp_path, image_size=12)
+    assert len(data.characters) == 8 and all(len(c) == 3 for c in data.characters)
+    assert data.background.tolist() == [True] * 4 + [False] * 4
+    # Alphabets by name, characters by number, drawers in order: each class is its folder's.
+    for row, indices in enumerate(data.characters):
+        expected = torch.from_numpy(np.where(ink[row], 255, 0).astype(np.uint8))
+        assert torch.equal(data.images[indices, 0], expected.expand(3, -1, -1))
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_ink_in_the_alpha_channel_reads_as_ink(tmp_path, mode):
+    ink = drawings(2 * 2)
+    for root, written in ((tmp_path / "gray", "L"), (tmp_path / "alpha", mode)):
+        for index, part in enumerate(omniglot.PARTS):
+            for drawer in (1, 2):
+                name = f"{index + 1:04d}_{drawer:02d}.png"
+                write_png(
+                    root / part / "Alpha" / "character01" / name,
+                    ink[2 * index + drawer - 1],
+                    written,
+                )
+    with Image.open(next((tmp_path / "alpha").rglob("*.png"))) as image:
+        assert image.mode == mode
+        # What the reader did before: the alpha dropped, every pixel black, all ink.
+        assert np.asarray(image.convert("L")).max() == 0
+    alpha, gray = read_omniglot(tmp_path / "alpha", 12), read_omniglot(tmp_path / "gray", 12)
+    assert torch.equal(alpha.images, gray.images)
+    assert 0 < alpha.images.float().mean() < 0.5 * 255  # ink on a blank ground, not all ink

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import glob
+import re
+from pathlib import Path
+
 import lightning as L
 import pytest
 from lightning.pytorch.loggers import CSVLogger
@@ -70,8 +74,18 @@ def test_several_runs_and_chosen_series(csv_run, tmp_path):
         (lambda d: d, "is not a run: pass a CSVLogger run directory"),
         (lambda d: _write(d / "other.csv", "a,b\n1,2\n"), "no 'step' column"),
         (lambda d: _write(d / "run-x.wandb", "not a log"), "not a W&B run file"),
+        # Before: "None of train/loss, ... was logged; choose with --keys from: nothing."
+        (
+            lambda d: _write(d / "metrics.csv", "step,train/loss,note\n0,n/a,x\n1,-,y\n"),
+            "metrics.csv: nothing to plot, its columns train/loss, note hold no numeric values. "
+            "plot draws each numeric column against the number in 'step'",
+        ),
+        (
+            lambda d: _write(d / "metrics.csv", "step,train/loss\nfirst,0.5\n"),
+            "metrics.csv: nothing to plot, its 'step' column holds no numbers",
+        ),
     ],
-    ids=["missing", "empty-dir", "foreign-csv", "foreign-wandb"],
+    ids=["missing", "empty-dir", "foreign-csv", "foreign-wandb", "text-values", "text-steps"],
 )
 def test_what_is_not_a_run_gets_a_clear_error(make, match, tmp_path, capsys):
     path = make(tmp_path)
@@ -99,3 +113,37 @@ def test_unknown_series_lists_the_logged_ones(csv_run, tmp_path, capsys):
 def _write(path, text: str):
     path.write_text(text)
     return path
+
+
+@pytest.mark.slow
+def test_the_readme_plot_commands_find_the_runs_where_the_recipes_write_them(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    recipe = str(repo / "recipes" / "sinusoid" / "maml.yaml")
+    short = [
+        "--trainer.max_steps=2",
+        "--trainer.val_check_interval=2",
+        "--trainer.enable_progress_bar=false",
+        "--data.init_args.num_val_tasks=4",
+    ]
+    runs = tmp_path / "runs"
+    # The recipe's own logger (W&B, offline in tests), then the README's CSVLogger line.
+    assert (
+        main(["fit", "--config", recipe, f"--trainer.logger.init_args.save_dir={runs}", *short])
+        is None
+    )
+    csv_logger = ["--trainer.logger", "lightning.pytorch.loggers.CSVLogger"]
+    assert (
+        main(
+            ["fit", "--config", recipe, *csv_logger, "--trainer.logger.save_dir", str(runs), *short]
+        )
+        is None
+    )
+    readme = (repo / "README.md").read_text()
+    commands = re.findall(r"^lightning-maml plot (runs/\S+)", readme, flags=re.MULTILINE)
+    assert len(commands) == 2
+    for pattern in commands:
+        found = glob.glob(str(tmp_path / pattern))
+        assert len(found) == 1, (pattern, sorted(p.name for p in runs.rglob("*")))
+        png = tmp_path / "curves.png"
+        assert main(["plot", *found, "--output", str(png)]) == 0
+        assert png.stat().st_size > 1000

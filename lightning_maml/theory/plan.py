@@ -241,13 +241,14 @@ def compute_plan(
             "compute_plan takes a variant's VariantConstants (lightning_maml.variants."
             f"get(name).theory), got {type(constants).__name__}."
         )
-    if not L > 0 or not inner_lr > 0 or not eps > 0 or not Delta > 0:
-        raise ValueError(
-            f"L, inner_lr, eps and Delta must be > 0, got L={L}, inner_lr={inner_lr}, eps={eps}, "
-            f"Delta={Delta}."
-        )
-    if min(rho, sigma, sigma_tilde, sigma_H) < 0:
-        raise ValueError("rho, sigma, sigma_tilde and sigma_H must be >= 0.")
+    # NaN passes every comparison: it would surface as "cannot convert float NaN to integer".
+    for name, value in {"L": L, "inner_lr": inner_lr, "eps": eps, "Delta": Delta}.items():
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
+    spreads = {"rho": rho, "sigma": sigma, "sigma_tilde": sigma_tilde, "sigma_H": sigma_H}
+    for name, value in spreads.items():
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
     k = constants
     shared = shared or SharedConstants()
     alpha = inner_lr

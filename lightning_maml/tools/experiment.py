@@ -50,6 +50,7 @@ from lightning_maml.theory.estimate import estimate_constants
 from lightning_maml.theory.linear import LinearTaskFamily
 from lightning_maml.theory.plan import step_size_batches
 from lightning_maml.theory.step_size import theory_step_size
+from lightning_maml.tools.arguments import count
 
 __all__ = ["final_level", "linear_curves", "main"]
 
@@ -575,26 +576,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--output", required=True, help="directory for the figures, JSON and W&B run"
     )
-    parser.add_argument("--steps", type=int, default=2000, help="meta-steps per linear run")
     parser.add_argument(
-        "--tail", type=int, default=500, help="iterates averaged for the final level"
+        "--steps",
+        type=count(1, why="with no step the final level is the starting point's"),
+        default=2000,
+        help="meta-steps per linear run, >= 1",
     )
     parser.add_argument(
-        "--sinusoid_steps", type=int, default=1500, help="meta-steps per sinusoid run (0: skip)"
+        "--tail",
+        type=count(1),
+        default=500,
+        help="iterates averaged for the final level, 1 to --steps",
     )
     parser.add_argument(
-        "--every", type=int, default=50, help="steps between StationarityMonitor estimates"
+        "--sinusoid_steps",
+        type=count(0),
+        default=1500,
+        help="meta-steps per sinusoid run (0: skip)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--every", type=count(1), default=50, help="steps between StationarityMonitor estimates"
+    )
+    parser.add_argument("--seed", type=count(0), default=0)
     parser.add_argument("--no_wandb", action="store_true", help="skip the W&B run")
     parser.add_argument(
         "--threads",
-        type=int,
+        type=count(1),
         default=1,
         help="torch threads (default 1: the tensors are tiny, and on a shared 2-core machine 2 "
         "threads measured 6-15x slower per step)",
     )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.tail > args.steps:
+        # The final level would average in the starting point w_0 itself.
+        parser.error(
+            f"--tail {args.tail} is more than --steps {args.steps}: the final level averages the "
+            f"last --tail iterates after the start; use --tail <= {args.steps} or more --steps."
+        )
     torch.set_num_threads(args.threads)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)

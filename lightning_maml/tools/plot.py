@@ -78,23 +78,48 @@ def read_csv_run(path: Path) -> dict[str, Series]:
     """The series of a CSVLogger ``metrics.csv``, by the global step of each row.
 
     Raises:
-        NotARunError: If the file has no ``step`` column.
+        NotARunError: If the file has no ``step`` column, or no numeric value to plot.
     """
     series: dict[str, Series] = {}
+    numeric_steps = 0
     with path.open(newline="") as file:
         reader = csv.DictReader(file)
-        if "step" not in (reader.fieldnames or []):
+        columns = list(reader.fieldnames or [])
+        if "step" not in columns:
             raise NotARunError(f"{path} has no 'step' column: it is not a CSVLogger metrics.csv.")
         for row in reader:
+            step = _number(row["step"])
+            if step is None:
+                continue
+            numeric_steps += 1
             # Each logging call writes its own row; the other metrics' cells stay empty.
             for key, cell in row.items():
-                if key in INDEX_KEYS or not cell or not row["step"]:
-                    continue
-                try:
-                    _append(series, key, float(row["step"]), float(cell))
-                except ValueError:
-                    continue
+                value = _number(cell) if key not in INDEX_KEYS else None
+                if value is not None:
+                    _append(series, key, step, value)
+    if not series:
+        metrics = [c for c in columns if c not in INDEX_KEYS]
+        if not metrics:
+            problem = "it has no metric column besides the index columns"
+        elif not numeric_steps:
+            problem = "its 'step' column holds no numbers"
+        else:
+            problem = f"its columns {', '.join(metrics)} hold no numeric values"
+        raise NotARunError(
+            f"{path}: nothing to plot, {problem}. plot draws each numeric column against the "
+            "number in 'step' of the same row, as a CSVLogger metrics.csv holds them."
+        )
     return series
+
+
+def _number(cell: str | None) -> float | None:
+    """The number in a CSV cell; None for an empty or non-numeric one."""
+    if not cell:
+        return None
+    try:
+        return float(cell)
+    except ValueError:
+        return None
 
 
 # -- W&B -----------------------------------------------------------------------------------
@@ -219,6 +244,10 @@ def load_run(path: str | Path) -> Run:
     log = _log_file(path)
     if log.suffix == ".wandb":
         series, label = read_wandb_run(log)
+        if not series:
+            raise NotARunError(
+                f"{log}: nothing to plot, the run has logged no numeric history (yet)."
+            )
     else:
         series = read_csv_run(log)
         # A CSVLogger run directory is <save_dir>/<name>/version_<n>: name and version tell runs apart.

@@ -24,6 +24,7 @@ from lightning_maml import variants
 from lightning_maml.tasks import TaskBatch
 from lightning_maml.theory.estimate import ConstantEstimates, estimate_constants
 from lightning_maml.theory.plan import Unreachable, compute_plan, explain_refusal, format_plan
+from lightning_maml.tools.arguments import count, finite
 
 __all__ = ["estimate_main", "format_estimates", "plan_main"]
 
@@ -91,19 +92,22 @@ def estimate_main(argv: list[str]) -> int:
     )
     parser.add_argument("--config", required=True, action="append", help="recipe YAML")
     parser.add_argument("--ckpt_path", help="checkpoint whose weights to use (default: init)")
-    parser.add_argument("--tasks", type=int, default=100, help="number of tasks (default 100)")
+    parser.add_argument(
+        "--tasks",
+        type=count(2),
+        default=100,
+        help="number of tasks, at least 2: spreads need two (default 100)",
+    )
     parser.add_argument(
         "--split", choices=["train", "val", "test"], default="train", help="task split"
     )
-    parser.add_argument("--power_iterations", type=int, default=30)
-    parser.add_argument("--rho_radius", type=float, default=1e-3)
-    parser.add_argument("--directions", type=int, default=4)
-    parser.add_argument("--task_chunk_size", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random directions")
+    parser.add_argument("--power_iterations", type=count(1), default=30)
+    parser.add_argument("--rho_radius", type=finite(0.0, strict=True), default=1e-3)
+    parser.add_argument("--directions", type=count(0), default=4)
+    parser.add_argument("--task_chunk_size", type=count(1), default=8)
+    parser.add_argument("--seed", type=count(0), default=0, help="seed of the random directions")
     parser.add_argument("--output", default="estimate.json", help="JSON file to write")
     args, rest = parser.parse_known_args(argv)
-    if args.tasks < 2:
-        parser.error("--tasks must be at least 2 (spreads need two tasks).")
 
     # Imported here: the CLI pulls in Lightning's argument machinery, which `plan` never needs.
     from lightning_maml.cli import MetaCLI
@@ -144,7 +148,54 @@ def estimate_main(argv: list[str]) -> int:
     return 0
 
 
-PLAN_INPUTS = ("L", "rho", "sigma", "sigma_tilde", "sigma_H", "inner_lr")
+#: The planner's constants and the range of each: (bound, whether the bound itself is excluded).
+PLAN_RANGES = {
+    "L": (0.0, True),
+    "rho": (0.0, False),
+    "sigma": (0.0, False),
+    "sigma_tilde": (0.0, False),
+    "sigma_H": (0.0, False),
+    "inner_lr": (0.0, True),
+}
+PLAN_INPUTS = tuple(PLAN_RANGES)
+
+
+def _read_estimate(path: str) -> dict[str, float]:
+    """The planner's constants in the JSON of ``lightning-maml estimate``, each checked.
+
+    Raises:
+        ValueError: Naming the file, and the line or the constant, for a file that cannot be
+            read, is not JSON, or holds a constant out of its range.
+    """
+    fix = "give the file `lightning-maml estimate --output` wrote"
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise ValueError(f"--from {path}: cannot read it ({err.strerror}); {fix}.") from err
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"--from {path}: not valid JSON at line {err.lineno}, column {err.colno} "
+            f"({err.msg}); {fix}, or correct that line."
+        ) from err
+    if not isinstance(record, dict):
+        raise ValueError(f"--from {path}: expected a JSON object of constants; {fix}.")
+    values = {}
+    for name in PLAN_INPUTS:
+        if name not in record:
+            continue
+        value = record[name]
+        low, strict = PLAN_RANGES[name]
+        try:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise argparse.ArgumentTypeError(f"must be a number, got {value!r}")
+            values[name] = finite(low, strict)(value)
+        except argparse.ArgumentTypeError as err:
+            raise ValueError(
+                f"--from {path}: {name} {err}; estimate again, or give --{name} to override it."
+            ) from None
+    return values
 
 
 def plan_main(argv: list[str]) -> int:
@@ -162,14 +213,21 @@ def plan_main(argv: list[str]) -> int:
         description="What Fallah et al. 2020's theorems ask for to reach E||grad F|| <= eps.",
     )
     parser.add_argument("--from", dest="source", help="JSON written by `lightning-maml estimate`")
-    for name in PLAN_INPUTS:
-        parser.add_argument(f"--{name}", type=float, help=f"{name} (overrides --from)")
-    parser.add_argument("--eps", type=float, required=True, help="target E||grad F|| <= eps")
+    for name, (low, strict) in PLAN_RANGES.items():
+        relation = ">" if strict else ">="
+        parser.add_argument(
+            f"--{name}",
+            type=finite(low, strict),
+            help=f"{name}, finite and {relation} {low:g} (overrides --from)",
+        )
+    parser.add_argument(
+        "--eps", type=finite(0.0, strict=True), required=True, help="target E||grad F|| <= eps"
+    )
     parser.add_argument(
         "--Delta",
-        type=float,
+        type=finite(0.0, strict=True),
         default=1.0,
-        help="F(w_0) - min F for the iteration bound (default 1)",
+        help="F(w_0) - min F for the iteration bound, > 0 (default 1)",
     )
     covered = variants.names(theory=True)
     parser.add_argument(
@@ -179,8 +237,10 @@ def plan_main(argv: list[str]) -> int:
 
     values = {}
     if args.source:
-        record = json.loads(Path(args.source).read_text())
-        values = {name: record[name] for name in PLAN_INPUTS if name in record}
+        try:
+            values = _read_estimate(args.source)
+        except ValueError as err:
+            parser.error(str(err))
     values.update(
         {name: getattr(args, name) for name in PLAN_INPUTS if getattr(args, name) is not None}
     )
