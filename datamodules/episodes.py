@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from datamodules.base import MetaDataModule, Task
 from lightning_maml.checks import check_int
+from lightning_maml.datamodules.base import MetaDataModule, Task
 from lightning_maml.tasks import TaskBatch
 
 __all__ = ["EpisodeSampler", "EpisodicDataModule", "check_episode", "gather_images"]
@@ -100,7 +100,7 @@ def _check_sizes(ways: int, shots: int, query_shots: int, hessian_shots: int) ->
 
 
 class EpisodeSampler:
-    """Draws one N-way task from a split's classes (a :class:`~datamodules.base.TaskSampler`).
+    """Draws one N-way task from a split's classes (a :class:`~lightning_maml.datamodules.base.TaskSampler`).
 
     Args:
         classes: One array of image indices per class of the split.

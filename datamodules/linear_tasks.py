@@ -19,8 +19,8 @@ import math
 import numpy as np
 import torch
 
-from datamodules.base import MetaDataModule, Task
 from lightning_maml.checks import check_int
+from lightning_maml.datamodules.base import MetaDataModule, Task
 
 __all__ = ["LinearTasks", "LinearTasksDataModule"]
 

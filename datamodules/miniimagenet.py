@@ -33,8 +33,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from datamodules.download import DownloadError, miniimagenet_howto
-from datamodules.episodes import EpisodicDataModule
+from lightning_maml.datamodules.download import DownloadError, miniimagenet_howto
+from lightning_maml.datamodules.episodes import EpisodicDataModule
 
 __all__ = ["MiniImageNetDataModule", "read_mini_imagenet"]
 
@@ -212,7 +212,7 @@ class MiniImageNetDataModule(EpisodicDataModule):
     Images are ``float32`` ``(3, 84, 84)`` in ``[0, 1]``.
 
     Args:
-        root: The folder with the data, in one of the layouts of :mod:`datamodules.miniimagenet`.
+        root: The folder with the data, in one of the layouts of :mod:`lightning_maml.datamodules.miniimagenet`.
         ways: Classes per task (N).
         shots: Support images per class (K; ``D_in``).
         query_shots: Query images per class (``D_o``).
@@ -225,7 +225,7 @@ class MiniImageNetDataModule(EpisodicDataModule):
         eval_meta_batch_size: Tasks per validation/test batch (default: ``meta_batch_size``).
         num_workers: DataLoader workers.
         device_tensors: Keep the images on the training device; ``"auto"`` (default) does on an
-            accelerator (see :class:`~datamodules.episodes.EpisodicDataModule`).
+            accelerator (see :class:`~lightning_maml.datamodules.episodes.EpisodicDataModule`).
         download: Accepted for the same interface as the other image datamodules; there is no
             official file to download, so where ``root`` holds neither layout,
             :meth:`prepare_data` raises an error that says how to obtain the data.

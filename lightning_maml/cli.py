@@ -37,7 +37,7 @@ TOOLS: dict[str, str] = {
     "estimate": "lightning_maml.tools.theory:estimate_main",
     "plan": "lightning_maml.tools.theory:plan_main",
     "experiment": "lightning_maml.tools.experiment:main",
-    "download": "datamodules.download:main",
+    "download": "lightning_maml.datamodules.download:main",
 }
 
 

@@ -406,7 +406,7 @@ class MetaLearner(LightningModule):
         if not isinstance(batch, TaskBatch):
             raise ValueError(
                 f"MetaLearner takes batches of tasks (lightning_maml.TaskBatch), got "
-                f"{type(batch).__name__}: use a datamodule of datamodules/ or yield TaskBatch."
+                f"{type(batch).__name__}: use a datamodule of lightning_maml.datamodules or yield TaskBatch."
             )
         try:
             with torch.no_grad():

@@ -106,7 +106,7 @@ def omniglot(ways: int, shots: int) -> Setting:
     return Setting(
         benchmark="omniglot",
         title="Omniglot",
-        datamodule="datamodules.OmniglotDataModule",
+        datamodule="lightning_maml.datamodules.OmniglotDataModule",
         root="data/omniglot",
         data_lines=OMNIGLOT_DATA,
         source_lines=(
@@ -131,7 +131,7 @@ def miniimagenet(ways: int, shots: int) -> Setting:
     return Setting(
         benchmark="miniimagenet",
         title="mini-ImageNet",
-        datamodule="datamodules.MiniImageNetDataModule",
+        datamodule="lightning_maml.datamodules.MiniImageNetDataModule",
         root="data/miniimagenet",
         data_lines=MINI_DATA,
         source_lines=(f"{FINN}.",),
@@ -151,11 +151,11 @@ def miniimagenet(ways: int, shots: int) -> Setting:
 
 def cifar(benchmark: str, ways: int, shots: int) -> Setting:
     if benchmark == "cifarfs":
-        title, datamodule = "CIFAR-FS", "datamodules.CIFARFSDataModule"
+        title, datamodule = "CIFAR-FS", "lightning_maml.datamodules.CIFARFSDataModule"
         first = "Data: CIFAR-FS (Bertinetto et al. 2019; 64/16/20 CIFAR-100 classes), cut from CIFAR-100"
         paper = "Bertinetto et al. 2019"
     else:
-        title, datamodule = "FC100", "datamodules.FC100DataModule"
+        title, datamodule = "FC100", "lightning_maml.datamodules.FC100DataModule"
         first = (
             "Data: FC100 (Oreshkin et al. 2018; 12/4/4 CIFAR-100 superclasses), cut from CIFAR-100"
         )

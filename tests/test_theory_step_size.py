@@ -11,9 +11,9 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger
 
-from datamodules.base import MetaDataModule, Task
 from lightning_maml import FOMAML, HFMAML, MAML, MetaLearner, TaskBatch
 from lightning_maml.callbacks import TheoryStepSize
+from lightning_maml.datamodules.base import MetaDataModule, Task
 from lightning_maml.theory import step_size_constant, theory_step_size, variant_name
 
 # One task, the same at every draw: pooled examples x = 1, 2, 3 and y = 1, 1, 0.

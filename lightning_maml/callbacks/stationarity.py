@@ -45,7 +45,7 @@ class StationarityMonitor(Callback):
         every_n_steps: Optimizer steps between estimates.
         tasks: The number of held-out tasks (at least 2).
         sampler: ``sampler(rng, split) -> Task`` for the held-out tasks, e.g.
-            ``datamodules.LinearTasks(shots=1000, query_shots=1000, hessian_shots=1000)`` (default:
+            ``lightning_maml.datamodules.LinearTasks(shots=1000, query_shots=1000, hessian_shots=1000)`` (default:
             the datamodule's ``task_sampler(split)``).
         split: The split passed to the sampler; ``"train"`` because F is the training objective.
         eps: Stop training once the estimate is ``<= eps`` (``None``: never).
@@ -93,7 +93,7 @@ class StationarityMonitor(Callback):
             if not callable(getattr(datamodule, "task_sampler", None)):
                 raise ValueError(
                     "StationarityMonitor needs tasks: pass sampler=... or use a datamodule with "
-                    "task_sampler (a datamodules.MetaDataModule)."
+                    "task_sampler (a lightning_maml.datamodules.MetaDataModule)."
                 )
             sampler = datamodule.task_sampler(self.split)
         seed = self.seed if self.seed is not None else getattr(datamodule, "seed", 0)

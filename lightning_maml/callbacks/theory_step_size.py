@@ -100,7 +100,7 @@ class TheoryStepSize(Callback):
             if not callable(getattr(datamodule, "task_sampler", None)):
                 raise ValueError(
                     "TheoryStepSize with rho > 0 draws its own tasks from the datamodule's "
-                    "task_sampler('train'): use a datamodules.MetaDataModule, or rho=0 for "
+                    "task_sampler('train'): use a lightning_maml.datamodules.MetaDataModule, or rho=0 for "
                     "quadratic task losses."
                 )
             self._sampler = datamodule.task_sampler("train")
