@@ -26,6 +26,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from lightning_maml import compat
 from lightning_maml.checks import check_checkpoint_file
 from lightning_maml.learner import MetaLearner
 
@@ -90,6 +91,7 @@ class MetaCLI(LightningCLI):
         super().__init__(MetaLearner, LightningDataModule, *args, **kwargs)
 
     @override
+    @compat.overrides_private(LightningCLI)
     def _parse_ckpt_path(self) -> None:
         # LightningCLI would load the checkpoint's hyper-parameters over the config and the
         # command line, so that `test --ckpt_path C --model.eval_inner_steps 1` silently ran

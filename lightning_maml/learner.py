@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, SumMetric
 
+from lightning_maml import compat
 from lightning_maml.algorithms.base import Evaluation, MetaAlgorithm, MetaStep
 from lightning_maml.checks import check_int
 from lightning_maml.functional import mse_loss
@@ -290,7 +291,7 @@ class MetaLearner(LightningModule):
             atexit.register(_destroy_process_group)
         # Fail before the first step on a model or datamodule the algorithm cannot use.
         self.algorithm.check_model(self.model)
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        datamodule = getattr(compat.attached_trainer(self), "datamodule", None)
         hessian_shots = getattr(datamodule, "hparams", {}).get("hessian_shots")
         if self.algorithm.needs_hessian_batch and hessian_shots == 0:
             raise ValueError(
@@ -314,7 +315,7 @@ class MetaLearner(LightningModule):
         Raises:
             ValueError: If the checkpoint was made for a different model.
         """
-        trainer = self._trainer
+        trainer = compat.attached_trainer(self)
         path = getattr(trainer, "ckpt_path", None) if trainer is not None else None
         source = f"the checkpoint {path}" if path else "the checkpoint"
         saved = checkpoint.get("hyper_parameters") or {}
@@ -490,7 +491,7 @@ class MetaLearner(LightningModule):
         """
         trainer = self.trainer
         return (
-            trainer._logger_connector.should_update_logs
+            compat.should_update_logs(trainer)
             or bool(trainer.fast_dev_run)
             or self.global_step == 1
             or 0 < trainer.max_steps <= self.global_step
