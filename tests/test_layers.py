@@ -22,12 +22,17 @@ RANK = {
     "functional": 1,
     "metrics": 1,
     "models": 1,
+    "process_group": 1,
+    "targets": 1,
     "theory": 2,
     "inner": 2,
     "algorithms": 3,
+    "hyperparameters": 3,
+    "checkpoint_settings": 3,
     "learner": 4,
     "callbacks": 5,
     "cli": 6,
+    "wandb_connection": 6,
     "tools": 7,
 }
 
