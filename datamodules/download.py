@@ -315,8 +315,10 @@ def _unpack(archive: Path, folder: str) -> None:
     try:
         with tarfile.open(archive) as tar:
             # The "data" filter refuses links and paths out of the folder (Python 3.10.12+).
-            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-            tar.extractall(staging, **safe)
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(staging, filter="data")
+            else:
+                tar.extractall(staging)
         if not (staging / folder).is_dir():
             raise DownloadError(f"{archive} holds no {folder}/ folder; delete it and run again.")
         (staging / folder).rename(root / folder)

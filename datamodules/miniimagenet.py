@@ -153,7 +153,7 @@ def _read_images(root: Path, files: list[str], cache_dir: Path | None, key: str)
     for i, name in enumerate(files):
         images[i] = _decode(root / "images" / name)
     if cache is not None:
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        cache.parent.mkdir(parents=True, exist_ok=True)
         # Written under another name and renamed, so that an interrupted run leaves no
         # half-written cache behind.
         partial = cache.with_suffix(f".{os.getpid()}.partial.npy")
@@ -180,7 +180,9 @@ def read_mini_imagenet(
         ValueError: If a file is corrupt or malformed.
     """
     root = Path(root)
-    arrays, classes, names = [], {}, {}
+    arrays: list[Tensor] = []
+    classes: dict[str, list[np.ndarray]] = {}
+    names: dict[str, list[str]] = {}
     offset = 0
     if _locate(root) == "pickle":
         for split in SPLITS:
@@ -192,10 +194,10 @@ def read_mini_imagenet(
         return torch.cat(arrays), classes, names
     files: list[str] = []
     for split in SPLITS:
-        split_classes = _read_csv(root / CSVS[split])
-        names[split] = list(split_classes)
+        listed = _read_csv(root / CSVS[split])
+        names[split] = list(listed)
         classes[split] = []
-        for members in split_classes.values():
+        for members in listed.values():
             classes[split].append(np.arange(len(files), len(files) + len(members)))
             files += members
     digest = hashlib.sha256()

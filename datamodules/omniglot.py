@@ -21,6 +21,7 @@ on disk.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import re
@@ -136,7 +137,7 @@ def _png_members(part: str, source: Path) -> Iterator[tuple[str, Callable[[], by
             for name in archive.namelist():
                 parts = name.split("/")
                 if len(parts) == 4 and parts[0] == part and parts[3].endswith(".png"):
-                    yield name, lambda name=name: archive.read(name)
+                    yield name, functools.partial(archive.read, name)
 
 
 def _read_pngs(part: str, source: Path, image_size: int) -> dict[int, list[np.ndarray]]:

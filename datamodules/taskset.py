@@ -107,7 +107,7 @@ class TaskSetSampler:
             members.append(found[:needed])
         # Row i holds the class labelled i: a random order, so labels carry no class identity.
         index = torch.stack(members)[torch.from_numpy(rng.permutation(self.ways))]
-        parts = []
+        parts: list[Tensor | None] = []
         start = 0
         for count in self.counts:
             if count == 0:
@@ -116,7 +116,7 @@ class TaskSetSampler:
             rows = index[:, start : start + count].reshape(-1)
             parts += [data[rows], torch.arange(self.ways).repeat_interleave(count)]
             start += count
-        return Task(*parts)
+        return Task._make(parts)
 
     def __call__(self, rng: np.random.Generator, split: str) -> Task:
         data, labels = self.draw(rng)
@@ -196,7 +196,7 @@ class TaskSetDataModule(MetaDataModule):
             # stops the run here rather than at its first step.
             self.task_sampler(split)(np.random.default_rng([self.seed, 99]), split)
 
-    def val_dataloader(self) -> DataLoader | list:
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
         if "val" not in self.samplers:
             return []
         return super().val_dataloader()

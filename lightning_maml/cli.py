@@ -139,10 +139,11 @@ def tested_tasks(trainer: Trainer) -> int | None:
 
     All of the datamodule's ``num_test_tasks``, unless ``limit_test_batches`` cut the batches.
     """
-    total = getattr(trainer.datamodule, "num_test_tasks", None)
+    datamodule = getattr(trainer, "datamodule", None)  # set by Lightning, undeclared
+    total = getattr(datamodule, "num_test_tasks", None)
     if not isinstance(total, int):
         return None
-    batch = getattr(trainer.datamodule, "eval_meta_batch_size", None)
+    batch = getattr(datamodule, "eval_meta_batch_size", None)
     ran = sum(trainer.num_test_batches)
     if isinstance(batch, int) and ran != float("inf") and ran * batch * trainer.world_size < total:
         return int(ran * batch * trainer.world_size)

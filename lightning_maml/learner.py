@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torchmetrics import MeanMetric, SumMetric
+from torch.optim.lr_scheduler import LRScheduler
+from torchmetrics import MeanMetric, Metric, SumMetric
 
 from lightning_maml import compat
 from lightning_maml.algorithms.base import Evaluation, MetaAlgorithm, MetaStep
@@ -166,8 +168,8 @@ class MetaLearner(LightningModule):
     def setup(self, stage: str) -> None:
         # Under ddp_spawn the metric states reach every rank in one shared-memory block, which
         # in-place updates would write for all ranks; reset gives each rank its own.
-        for metric in self.eval_metrics.values():
-            metric.reset()
+        for key in self.eval_metrics:
+            self._metric(key).reset()
         destroy_process_group_at_exit()
         # Fail before the first step on a model or datamodule the algorithm cannot use.
         self.algorithm.check_model(self.model)
@@ -223,7 +225,8 @@ class MetaLearner(LightningModule):
         if "train" not in self._checked_stages:
             self.check_batch(batch)
             self._checked_stages.add("train")
-        optimizer = self.optimizers()
+        # configure_optimizers gives one optimizer and at most one scheduler.
+        optimizer = cast(LightningOptimizer, self.optimizers())
         step = self.algorithm.meta_gradient(self.model, self.loss_fn, batch, self.global_step)
         self.last_meta_step = step
 
@@ -257,12 +260,12 @@ class MetaLearner(LightningModule):
             )
         if self.gradient_clip_val is not None:
             self.clip_gradients(
-                optimizer,
+                optimizer,  # type: ignore[arg-type]  # Lightning documents passing self.optimizers()
                 gradient_clip_val=self.gradient_clip_val,
                 gradient_clip_algorithm=self.gradient_clip_algorithm,
             )
         optimizer.step()
-        scheduler = self.lr_schedulers()
+        scheduler = cast("LRScheduler | None", self.lr_schedulers())
         if scheduler is not None:
             scheduler.step()
 
@@ -289,7 +292,7 @@ class MetaLearner(LightningModule):
         trainer = self.trainer
         return (
             compat.should_update_logs(trainer)
-            or bool(trainer.fast_dev_run)
+            or bool(trainer.fast_dev_run)  # type: ignore[attr-defined]  # set by Lightning outside __init__, undeclared
             or self.global_step == 1
             or 0 < trainer.max_steps <= self.global_step
         )
@@ -322,15 +325,18 @@ class MetaLearner(LightningModule):
             self._checked_stages.add(stage)
         result = self.evaluate(batch)
         self.last_evaluation = result
-        self.eval_metrics[f"{stage}_tasks"].update(float(batch.num_tasks))
-        self.eval_metrics[f"{stage}_diverged"].update(
+        self._metric(f"{stage}_tasks").update(float(batch.num_tasks))
+        self._metric(f"{stage}_diverged").update(
             (~torch.isfinite(result.task_losses)).sum().double()
         )
-        self.eval_metrics[f"{stage}_loss"].update(result.task_losses)
+        self._metric(f"{stage}_loss").update(result.task_losses)
         accuracy = self._accuracy(result, batch)
         if accuracy is not None:
-            self.eval_metrics[f"{stage}_accuracy"].update(accuracy)
-        self.eval_metrics[f"{stage}_loss_before"].update(result.loss_before, batch.num_tasks)
+            self._metric(f"{stage}_accuracy").update(accuracy)
+        self._metric(f"{stage}_loss_before").update(result.loss_before, batch.num_tasks)
+
+    def _metric(self, key: str) -> Metric:
+        return cast(Metric, self.eval_metrics[key])
 
     def _compute(self, key: str) -> Any:
         """Computes and resets one evaluation metric.
@@ -338,7 +344,7 @@ class MetaLearner(LightningModule):
         Every rank computes (a collective under DDP), also one that had no batch to evaluate;
         the reduced result, the same on every rank, decides what is logged.
         """
-        metric = self.eval_metrics[key]
+        metric = self._metric(key)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*was called before the ``update``")
             value = metric.compute()

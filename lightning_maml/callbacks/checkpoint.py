@@ -100,7 +100,7 @@ class ModelCheckpoint(LightningModelCheckpoint):
     def _refresh_last(self, trainer: pl.Trainer) -> None:
         if (
             not self.save_last
-            or trainer.fast_dev_run
+            or trainer.fast_dev_run  # type: ignore[attr-defined]  # set by Lightning outside __init__, undeclared
             or trainer.sanity_checking
             or trainer.state.fn != TrainerFn.FITTING
             or self._last_step_in_last == trainer.global_step

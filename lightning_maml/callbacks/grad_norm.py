@@ -113,7 +113,7 @@ class GradNormMonitor(Callback):
         # The same test as Lightning's LearningRateMonitor and DeviceStatsMonitor (fast_dev_run
         # writes every step). It is the same on every rank, so the collective in _step_metrics
         # stays matched under DDP.
-        return compat.should_update_logs(trainer) or bool(trainer.fast_dev_run)
+        return compat.should_update_logs(trainer) or bool(trainer.fast_dev_run)  # type: ignore[attr-defined]  # set by Lightning outside __init__, undeclared
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -64,7 +64,8 @@ SPREADS = (0.5, 1.0, 2.0)
 
 def make_algorithm(variant: str, inner_lr: float, **kwargs) -> MetaAlgorithm:
     """The paper's form of each variant: Hessian terms on the independent batch D_h."""
-    cls = {c.theory_variant: c for c in (MAML, FOMAML, HFMAML)}[variant]
+    classes: dict[str, type[MetaAlgorithm]] = {c.theory_variant: c for c in (MAML, FOMAML, HFMAML)}
+    cls = classes[variant]
     if not cls.uses_hessian:
         return cls(inner_lr)
     return cls(inner_lr, hessian_batch="independent", **kwargs)
