@@ -424,7 +424,7 @@ def load_recipe(config: str, overrides: Sequence[str]):
 
 def training_batches(datamodule, start: int, count: int) -> list[TaskBatch]:
     """The training meta-batches of global steps ``start .. start + count - 1``."""
-    from datamodules.base import TrainTaskStream
+    from lightning_maml.datamodules.base import TrainTaskStream
 
     datamodule.setup("fit")
     stream = TrainTaskStream(

@@ -275,9 +275,9 @@ def measure_trainer(args, variant: str, steps: int) -> dict:
     """The same step through a full Lightning Trainer loop, and the same done by hand."""
     import lightning as L
 
-    from datamodules.base import MetaDataModule
     from lightning_maml import MetaLearner
     from lightning_maml.callbacks import GradNormMonitor
+    from lightning_maml.datamodules.base import MetaDataModule
 
     device = torch.device(args.device)
     model, loss_fn, batch, inner_lr = make_setup(args.setup, device, args.meta_batch_size)

@@ -235,7 +235,7 @@ class MetaDataModule(LightningDataModule):
             world_size,
         )
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
         return self._loader(self.eval_set("val"))
 
     def test_dataloader(self) -> DataLoader:

@@ -14,7 +14,7 @@ pooled into one class of 600, and the few-shot splits are made of whole classes:
 Images are ``float32`` ``(3, 32, 32)`` in ``[0, 1]``. Unpickling runs code from the file: read
 only files from a source you trust. ``lightning-maml download cifar100 --root ROOT``, or
 ``download=True`` on the datamodules, fetches the official tarball, checks its pinned MD5 and
-unpacks it into ``ROOT/cifar-100-python/`` (see :mod:`datamodules.download`).
+unpacks it into ``ROOT/cifar-100-python/`` (see :mod:`lightning_maml.datamodules.download`).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from datamodules.download import download
-from datamodules.episodes import EpisodicDataModule
+from lightning_maml.datamodules.download import download
+from lightning_maml.datamodules.episodes import EpisodicDataModule
 
 __all__ = [
     "CIFARFS_CLASSES",
@@ -251,7 +251,7 @@ class CIFARFSDataModule(_CIFAR100Episodes):
         solvers. ICLR 2019.
 
     Args:
-        root: ``cifar-100-python/`` or the folder that holds it (see :mod:`datamodules.cifar`).
+        root: ``cifar-100-python/`` or the folder that holds it (see :mod:`lightning_maml.datamodules.cifar`).
         ways: Classes per task (N).
         shots: Support images per class (K; ``D_in``).
         query_shots: Query images per class (``D_o``).
@@ -263,9 +263,9 @@ class CIFARFSDataModule(_CIFAR100Episodes):
         eval_meta_batch_size: Tasks per validation/test batch (default: ``meta_batch_size``).
         num_workers: DataLoader workers.
         device_tensors: Keep the images on the training device; ``"auto"`` (default) does on an
-            accelerator (see :class:`~datamodules.episodes.EpisodicDataModule`).
+            accelerator (see :class:`~lightning_maml.datamodules.episodes.EpisodicDataModule`).
         download: Download CIFAR-100 into ``root`` in :meth:`prepare_data` when the pickles are
-            not found (see :mod:`datamodules.download`).
+            not found (see :mod:`lightning_maml.datamodules.download`).
 
     Raises:
         FileNotFoundError: If the pickles are not found (at construction, unless ``download``).
@@ -322,7 +322,7 @@ class FC100DataModule(_CIFAR100Episodes):
         few-shot learning. NeurIPS 2018.
 
     Args:
-        root: ``cifar-100-python/`` or the folder that holds it (see :mod:`datamodules.cifar`).
+        root: ``cifar-100-python/`` or the folder that holds it (see :mod:`lightning_maml.datamodules.cifar`).
         ways: Classes per task (N).
         shots: Support images per class (K; ``D_in``).
         query_shots: Query images per class (``D_o``).
@@ -334,9 +334,9 @@ class FC100DataModule(_CIFAR100Episodes):
         eval_meta_batch_size: Tasks per validation/test batch (default: ``meta_batch_size``).
         num_workers: DataLoader workers.
         device_tensors: Keep the images on the training device; ``"auto"`` (default) does on an
-            accelerator (see :class:`~datamodules.episodes.EpisodicDataModule`).
+            accelerator (see :class:`~lightning_maml.datamodules.episodes.EpisodicDataModule`).
         download: Download CIFAR-100 into ``root`` in :meth:`prepare_data` when the pickles are
-            not found (see :mod:`datamodules.download`).
+            not found (see :mod:`lightning_maml.datamodules.download`).
 
     Raises:
         FileNotFoundError: If the pickles are not found (at construction, unless ``download``).

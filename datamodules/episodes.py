@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from datamodules.base import MetaDataModule, Task
 from lightning_maml.checks import check_int
+from lightning_maml.datamodules.base import MetaDataModule, Task
 from lightning_maml.tasks import TaskBatch
 
 __all__ = ["EpisodeSampler", "EpisodicDataModule", "check_episode", "gather_images"]
@@ -100,7 +100,7 @@ def _check_sizes(ways: int, shots: int, query_shots: int, hessian_shots: int) ->
 
 
 class EpisodeSampler:
-    """Draws one N-way task from a split's classes (a :class:`~datamodules.base.TaskSampler`).
+    """Draws one N-way task from a split's classes (a :class:`~lightning_maml.datamodules.base.TaskSampler`).
 
     Args:
         classes: One array of image indices per class of the split.
@@ -150,7 +150,7 @@ class EpisodeSampler:
 
     def __call__(self, rng: np.random.Generator, split: str) -> Task:
         index = torch.from_numpy(self.indices(rng))
-        parts = []
+        parts: list[Tensor | None] = []
         start = 0
         for count in self.counts:
             if count == 0:
@@ -160,7 +160,7 @@ class EpisodeSampler:
             y = torch.arange(self.ways).repeat_interleave(count)
             parts += [x if self.images is None else gather_images(self.images, x), y]
             start += count
-        return Task(*parts)
+        return Task._make(parts)
 
 
 class EpisodicDataModule(MetaDataModule):
@@ -227,15 +227,16 @@ class EpisodicDataModule(MetaDataModule):
         """
         raise NotImplementedError
 
-    def _load(self) -> None:
-        if self.images is None:
+    def _load(self) -> tuple[Tensor, dict[str, list[np.ndarray]]]:
+        if self.images is None or self.classes is None:
             self.images, self.classes = self.load()
+        return self.images, self.classes
 
     def check(self, split: str) -> None:
         """Raises a :class:`ValueError` if ``split`` cannot give tasks of this size."""
-        self._load()
+        _, classes = self._load()
         check_episode(
-            self.classes[split],
+            classes[split],
             self.ways,
             self.shots,
             self.query_shots,
@@ -266,25 +267,26 @@ class EpisodicDataModule(MetaDataModule):
 
     def _sampler(self, split: str, with_images: bool) -> EpisodeSampler:
         self.check(split)
+        images, classes = self._load()
         return EpisodeSampler(
-            self.classes[split],
+            classes[split],
             self.ways,
             self.shots,
             self.query_shots,
             self.hessian_shots,
-            images=self.images if with_images else None,
+            images=images if with_images else None,
             split=f"the {split} split of {type(self).__name__}",
         )
 
     def gather(self, batch: TaskBatch) -> TaskBatch:
         """Replaces the image indices of a ``device_tensors`` batch by the images, on its device."""
-        self._load()
+        images, _ = self._load()
         device = batch.support_y.device
         if self._device_images is None or self._device_images.device != device:
             # Made outside inference mode even when the first batch is a validation batch, so
             # that training batches gathered from it later are ordinary tensors.
             with torch.inference_mode(False):
-                self._device_images = self.images.to(device)
+                self._device_images = images.to(device)
         fields = batch.named_tensors()
         for name, tensor in fields.items():
             if name.endswith("_x"):

@@ -19,8 +19,8 @@ import math
 import numpy as np
 import torch
 
-from datamodules.base import MetaDataModule, Task
 from lightning_maml.checks import check_int
+from lightning_maml.datamodules.base import MetaDataModule, Task
 
 __all__ = ["LinearTasks", "LinearTasksDataModule"]
 
@@ -50,13 +50,13 @@ class LinearTasks:
         center: float = 1.0,
         noise_std: float = 0.0,
     ) -> None:
-        for name, value, low in [
+        for name, value, least in [
             ("dim", dim, 1),
             ("shots", shots, 1),
             ("query_shots", query_shots, 1),
             ("hessian_shots", hessian_shots, 0),
         ]:
-            check_int(name, value, low)
+            check_int(name, value, least)
         low, high = curvature_range
         if not 0 < low <= high:
             raise ValueError(

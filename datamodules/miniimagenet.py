@@ -33,8 +33,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from datamodules.download import DownloadError, miniimagenet_howto
-from datamodules.episodes import EpisodicDataModule
+from lightning_maml.datamodules.download import DownloadError, miniimagenet_howto
+from lightning_maml.datamodules.episodes import EpisodicDataModule
 
 __all__ = ["MiniImageNetDataModule", "read_mini_imagenet"]
 
@@ -153,7 +153,7 @@ def _read_images(root: Path, files: list[str], cache_dir: Path | None, key: str)
     for i, name in enumerate(files):
         images[i] = _decode(root / "images" / name)
     if cache is not None:
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        cache.parent.mkdir(parents=True, exist_ok=True)
         # Written under another name and renamed, so that an interrupted run leaves no
         # half-written cache behind.
         partial = cache.with_suffix(f".{os.getpid()}.partial.npy")
@@ -180,7 +180,9 @@ def read_mini_imagenet(
         ValueError: If a file is corrupt or malformed.
     """
     root = Path(root)
-    arrays, classes, names = [], {}, {}
+    arrays: list[Tensor] = []
+    classes: dict[str, list[np.ndarray]] = {}
+    names: dict[str, list[str]] = {}
     offset = 0
     if _locate(root) == "pickle":
         for split in SPLITS:
@@ -192,10 +194,10 @@ def read_mini_imagenet(
         return torch.cat(arrays), classes, names
     files: list[str] = []
     for split in SPLITS:
-        split_classes = _read_csv(root / CSVS[split])
-        names[split] = list(split_classes)
+        listed = _read_csv(root / CSVS[split])
+        names[split] = list(listed)
         classes[split] = []
-        for members in split_classes.values():
+        for members in listed.values():
             classes[split].append(np.arange(len(files), len(files) + len(members)))
             files += members
     digest = hashlib.sha256()
@@ -212,7 +214,7 @@ class MiniImageNetDataModule(EpisodicDataModule):
     Images are ``float32`` ``(3, 84, 84)`` in ``[0, 1]``.
 
     Args:
-        root: The folder with the data, in one of the layouts of :mod:`datamodules.miniimagenet`.
+        root: The folder with the data, in one of the layouts of :mod:`lightning_maml.datamodules.miniimagenet`.
         ways: Classes per task (N).
         shots: Support images per class (K; ``D_in``).
         query_shots: Query images per class (``D_o``).
@@ -225,7 +227,7 @@ class MiniImageNetDataModule(EpisodicDataModule):
         eval_meta_batch_size: Tasks per validation/test batch (default: ``meta_batch_size``).
         num_workers: DataLoader workers.
         device_tensors: Keep the images on the training device; ``"auto"`` (default) does on an
-            accelerator (see :class:`~datamodules.episodes.EpisodicDataModule`).
+            accelerator (see :class:`~lightning_maml.datamodules.episodes.EpisodicDataModule`).
         download: Accepted for the same interface as the other image datamodules; there is no
             official file to download, so where ``root`` holds neither layout,
             :meth:`prepare_data` raises an error that says how to obtain the data.

@@ -13,7 +13,7 @@ Where to get the data (any one of these layouts under ``root``):
   folders (or zips) one level down.
 
 ``lightning-maml download omniglot --root ROOT``, or ``download=True`` on the datamodule, fetches
-the official zips, verified (see :mod:`datamodules.download`).
+the official zips, verified (see :mod:`lightning_maml.datamodules.download`).
 
 Every image is inverted (ink = 1; a PNG with an alpha channel is first composited on white, so
 that ink held in the alpha channel stays ink) and resized to ``image_size`` with Pillow's Lanczos
@@ -23,6 +23,7 @@ is cached on disk.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import re
@@ -37,9 +38,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from datamodules.download import download
-from datamodules.episodes import EpisodicDataModule
 from lightning_maml.checks import check_int
+from lightning_maml.datamodules.download import download
+from lightning_maml.datamodules.episodes import EpisodicDataModule
 
 __all__ = ["OmniglotData", "OmniglotDataModule", "read_omniglot"]
 
@@ -138,7 +139,7 @@ def _png_members(part: str, source: Path) -> Iterator[tuple[str, Callable[[], by
             for name in archive.namelist():
                 parts = name.split("/")
                 if len(parts) == 4 and parts[0] == part and parts[3].endswith(".png"):
-                    yield name, lambda name=name: archive.read(name)
+                    yield name, functools.partial(archive.read, name)
 
 
 def _gray_on_white(image: Image.Image) -> np.ndarray:
@@ -287,7 +288,7 @@ class OmniglotDataModule(EpisodicDataModule):
     each rotation a class of its own (4,400 training classes in the ``"finn"`` split).
 
     Args:
-        root: The folder with the data, in one of the layouts of :mod:`datamodules.omniglot`.
+        root: The folder with the data, in one of the layouts of :mod:`lightning_maml.datamodules.omniglot`.
         ways: Classes per task (N).
         shots: Support images per class (K; ``D_in``).
         query_shots: Query images per class (``D_o``).
@@ -305,9 +306,9 @@ class OmniglotDataModule(EpisodicDataModule):
         eval_meta_batch_size: Tasks per validation/test batch (default: ``meta_batch_size``).
         num_workers: DataLoader workers.
         device_tensors: Keep the images on the training device; ``"auto"`` (default) does on an
-            accelerator (see :class:`~datamodules.episodes.EpisodicDataModule`).
+            accelerator (see :class:`~lightning_maml.datamodules.episodes.EpisodicDataModule`).
         download: Download the official zips into ``root`` in :meth:`prepare_data` when ``root``
-            holds none of the layouts (see :mod:`datamodules.download`).
+            holds none of the layouts (see :mod:`lightning_maml.datamodules.download`).
 
     Raises:
         FileNotFoundError: If ``root`` holds none of the layouts (at construction, unless

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import torch
 
-from datamodules.base import MetaDataModule, Task
 from lightning_maml.checks import check_int
+from lightning_maml.datamodules.base import MetaDataModule, Task
 
 __all__ = ["SinusoidDataModule", "SinusoidTasks"]
 
@@ -60,7 +60,7 @@ class SinusoidDataModule(MetaDataModule):
     """Finn et al.'s sinusoid regression benchmark as a stream of :class:`TaskBatch` es.
 
     Amplitude ``U[0.1, 5]``, phase ``U[0, pi]``, inputs ``U[-5, 5]``; tasks are drawn on the fly
-    from seeded generators (see :mod:`datamodules.base`), validation and test tasks are fixed.
+    from seeded generators (see :mod:`lightning_maml.datamodules.base`), validation and test tasks are fixed.
 
     Args:
         shots: Support points per task (``D_in``; K in Finn et al.).

@@ -8,7 +8,7 @@ KShots(...), LoadData(...)])``, with ``k = shots + query_shots + hessian_shots``
 is not needed otherwise and is never imported here.
 
 Such sources draw from Python's, NumPy's and torch's global generators. To keep the guarantees of
-:mod:`datamodules.base` (the same seed gives the same tasks, every rank and worker draws its own),
+:mod:`lightning_maml.datamodules.base` (the same seed gives the same tasks, every rank and worker draws its own),
 each call seeds the three global generators from the task's own generator and restores their
 state afterwards, so the rest of the program sees its random streams untouched.
 """
@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from datamodules.base import MetaDataModule, Task, TaskSampler
-from datamodules.episodes import _check_sizes
+from lightning_maml.datamodules.base import MetaDataModule, Task, TaskSampler
+from lightning_maml.datamodules.episodes import _check_sizes
 
 __all__ = ["TaskSetDataModule", "TaskSetSampler", "TaskSource"]
 
@@ -43,7 +43,7 @@ class TaskSetSampler:
     next ``query_shots`` the query set and the next ``hessian_shots`` the Hessian set; any further
     examples are left out. The classes get the labels ``0 .. ways - 1`` in a random order drawn
     from the task's generator. Examples are class-major, as in
-    :class:`~datamodules.episodes.EpisodeSampler`.
+    :class:`~lightning_maml.datamodules.episodes.EpisodeSampler`.
 
     Args:
         source: The task source.
@@ -82,7 +82,7 @@ class TaskSetSampler:
         return torch.as_tensor(data), torch.as_tensor(labels)
 
     def split(self, data: Tensor, labels: Tensor, rng: np.random.Generator) -> Task:
-        """Splits one task into the sets of a :class:`~datamodules.base.Task`."""
+        """Splits one task into the sets of a :class:`~lightning_maml.datamodules.base.Task`."""
         if labels.dim() != 1 or len(labels) != len(data):
             raise ValueError(
                 f"a task must be (data, labels) with labels of shape (n,) and data (n, ...); got "
@@ -107,7 +107,7 @@ class TaskSetSampler:
             members.append(found[:needed])
         # Row i holds the class labelled i: a random order, so labels carry no class identity.
         index = torch.stack(members)[torch.from_numpy(rng.permutation(self.ways))]
-        parts = []
+        parts: list[Tensor | None] = []
         start = 0
         for count in self.counts:
             if count == 0:
@@ -116,7 +116,7 @@ class TaskSetSampler:
             rows = index[:, start : start + count].reshape(-1)
             parts += [data[rows], torch.arange(self.ways).repeat_interleave(count)]
             start += count
-        return Task(*parts)
+        return Task._make(parts)
 
     def __call__(self, rng: np.random.Generator, split: str) -> Task:
         data, labels = self.draw(rng)
@@ -196,7 +196,7 @@ class TaskSetDataModule(MetaDataModule):
             # stops the run here rather than at its first step.
             self.task_sampler(split)(np.random.default_rng([self.seed, 99]), split)
 
-    def val_dataloader(self) -> DataLoader | list:
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
         if "val" not in self.samplers:
             return []
         return super().val_dataloader()

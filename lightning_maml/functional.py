@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -74,7 +75,7 @@ def tree_norm(tree: Params) -> Tensor:
 
 def gradient_and_value(
     fn: Callable, params: Params, *args: Tensor, has_aux: bool = False
-) -> tuple[Params, object]:
+) -> tuple[Params, Any]:
     """``torch.func.grad_and_value(fn, has_aux=has_aux)(params, *args)``, lighter when it can be.
 
     torch.func differentiates with ``create_graph=True``, so that an enclosing transform can
@@ -251,7 +252,7 @@ def reverse_hvp(task: TaskModel, params: Params, vector: Params, x: Tensor, y: T
     """
     with torch.autocast(x.device.type, enabled=False):
         if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-            _, pullback = vjp(lambda p: grad(task.loss)(p, x, y), params)
+            _, pullback = vjp(lambda p: grad(task.loss)(p, x, y), params)  # type: ignore[misc]  # torch.func.vjp's return type ignores has_aux=False
             return pullback(vector)[0]
         # Outside torch.func (a per-task loop), torch.autograd, as in gradient_and_value.
         with torch.enable_grad():

@@ -2,26 +2,29 @@
 
 from __future__ import annotations
 
-import atexit
-import functools
-import importlib
 import warnings
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
-from torchmetrics import MeanMetric, SumMetric
+from torch.optim.lr_scheduler import LRScheduler
+from torchmetrics import MeanMetric, Metric, SumMetric
 
+from lightning_maml import compat
 from lightning_maml.algorithms.base import Evaluation, MetaAlgorithm, MetaStep
+from lightning_maml.checkpoint_settings import check_checkpoint
 from lightning_maml.checks import check_int
 from lightning_maml.functional import mse_loss
-from lightning_maml.inner import InnerUpdate
+from lightning_maml.hyperparameters import describe
 from lightning_maml.metrics import MeanWithCI, task_accuracy
+from lightning_maml.process_group import destroy_process_group_at_exit
+from lightning_maml.targets import check_batch
 from lightning_maml.tasks import TaskBatch
 
 __all__ = ["MetaLearner"]
@@ -44,121 +47,6 @@ REDUCED_METRICS_ADVICE = (
 def default_meta_optimizer(params) -> torch.optim.Optimizer:
     """Adam with learning rate 1e-3, the meta-optimizer of Finn et al. 2017."""
     return torch.optim.Adam(params, lr=1e-3)
-
-
-def _describe(value: Any) -> Any:
-    """A plain (loggable, picklable) description of a hyper-parameter value."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_describe(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _describe(v) for k, v in value.items()}
-    if isinstance(value, functools.partial):
-        return {"callable": _describe(value.func), "kwargs": _describe(value.keywords)}
-    if isinstance(value, (MetaAlgorithm, InnerUpdate)):
-        init_args = {k: _describe(v) for k, v in value.hparams().items() if k != "variant"}
-        return {"class_path": _path(type(value)), "init_args": init_args}
-    if isinstance(value, nn.Module):
-        return {"class_path": _path(type(value))}
-    if callable(value) and hasattr(value, "__qualname__"):
-        return _path(value)
-    return repr(value)
-
-
-def _destroy_process_group() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
-def _path(obj: Any) -> str:
-    return f"{obj.__module__}.{obj.__qualname__}"
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` as ``{"a.b": 1}``; private keys (``_instantiator``) are left out."""
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if str(key).startswith("_") and str(key) != "_class_path":
-            continue
-        name = "class_path" if key == "_class_path" else str(key)
-        if name == "class_path":
-            value = _canonical(value)
-        flat.update(_flatten(value, f"{prefix}.{name}" if prefix else name))
-    return flat
-
-
-def setting_differences(now: dict, saved: dict, prefix: str = "") -> dict[str, tuple[Any, Any]]:
-    """The settings present in both ``now`` and ``saved`` whose values differ: name -> (now, saved).
-
-    Lists and tuples compare equal when their items do (YAML gives lists, Python code tuples).
-    """
-    flat_now, flat_saved = _flatten(now, prefix), _flatten(saved, prefix)
-    return {
-        name: (flat_now[name], flat_saved[name])
-        for name in sorted(flat_now.keys() & flat_saved.keys())
-        if _plain(flat_now[name]) != _plain(flat_saved[name])
-    }
-
-
-def _plain(value: Any) -> Any:
-    return tuple(_plain(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def _canonical(class_path: Any) -> Any:
-    """``lightning_maml.MAML`` and ``lightning_maml.algorithms.maml.MAML`` name one class."""
-    if not isinstance(class_path, str) or "." not in class_path:
-        return class_path
-    module, _, name = class_path.rpartition(".")
-    try:
-        return _path(getattr(importlib.import_module(module), name))
-    except (ImportError, AttributeError):
-        return class_path
-
-
-def _check_targets(loss: str | None, prediction: Tensor, targets: Tensor, split: str) -> None:
-    """Raises ``ValueError`` if ``targets`` (all tasks) do not suit ``prediction`` (one task).
-
-    Shapes are compared per example: the sets of a task differ in their number of examples.
-    """
-    predicted, given = tuple(prediction.shape[1:]), tuple(targets.shape[2:])
-    if loss == "mse":
-        if not targets.is_floating_point():
-            raise ValueError(
-                f"loss='mse' needs floating-point targets, but the {split} targets are "
-                f"{targets.dtype}: for class labels use loss='cross_entropy'."
-            )
-        if given != predicted:
-            raise ValueError(
-                f"loss='mse' compares predictions with targets element by element, but the model "
-                f"predicts {predicted} per example and the {split} targets are {given} per "
-                f"example (tasks, examples, *{given}). Shape the targets like the predictions, "
-                f"(tasks, examples, *{predicted}) (e.g. y.unsqueeze(-1)), rather than let them "
-                "broadcast."
-            )
-    elif loss == "cross_entropy":
-        if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
-            raise ValueError(
-                f"loss='cross_entropy' needs integer class labels, but the {split} targets are "
-                f"{targets.dtype}: convert labels with .long(), or use loss='mse' for regression."
-            )
-        if len(predicted) != 1 or given != ():
-            raise ValueError(
-                f"loss='cross_entropy' needs one label per example, (tasks, examples), and one "
-                f"score per class from the model: it predicts {predicted} per example and the "
-                f"{split} labels are {given} per example."
-            )
-        classes = predicted[0]
-        low, high = int(targets.min()), int(targets.max())
-        if low < 0 or high >= classes:
-            raise ValueError(
-                f"The {split} labels go from {low} to {high}, but the model has {classes} "
-                f"outputs: the tasks have more ways than the model. Give the model one output "
-                f"per way (e.g. --model.model.init_args.ways {high + 1}), or the data as many "
-                f"ways as the model (--data.init_args.ways {classes})."
-            )
 
 
 class MetaLearner(LightningModule):
@@ -281,7 +169,7 @@ class MetaLearner(LightningModule):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
             self.save_hyperparameters()
-        plain = {k: _describe(v) for k, v in self.hparams.items()}
+        plain = {k: describe(v) for k, v in self.hparams.items()}
         if plain != dict(self.hparams):
             self.save_hyperparameters(plain)
 
@@ -292,17 +180,12 @@ class MetaLearner(LightningModule):
         warnings.filterwarnings("ignore", REDUCED_METRICS_ADVICE, PossibleUserWarning)
         # Under ddp_spawn the metric states reach every rank in one shared-memory block, which
         # in-place updates would write for all ranks; reset gives each rank its own.
-        for metric in self.eval_metrics.values():
-            metric.reset()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # Lightning destroys only NCCL process groups at exit; a gloo group left alive can
-            # abort the process as it exits ("terminate called without an active exception",
-            # seen in ddp_spawn tests on CPU).
-            atexit.unregister(_destroy_process_group)  # once, however many runs
-            atexit.register(_destroy_process_group)
+        for key in self.eval_metrics:
+            self._metric(key).reset()
+        destroy_process_group_at_exit()
         # Fail before the first step on a model or datamodule the algorithm cannot use.
         self.algorithm.check_model(self.model)
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        datamodule = getattr(compat.attached_trainer(self), "datamodule", None)
         hessian_shots = getattr(datamodule, "hparams", {}).get("hessian_shots")
         if self.algorithm.needs_hessian_batch and hessian_shots == 0:
             raise ValueError(
@@ -314,78 +197,14 @@ class MetaLearner(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Compares the checkpoint's settings with this run's before its weights are loaded.
 
-        The rule: the checkpoint supplies the weights and, when ``fit`` resumes, the training
-        state (step, optimizer and scheduler state, callbacks); every setting comes from the
-        run's config, command line or arguments. So ``test --ckpt_path C
-        --model.eval_inner_steps 1`` adapts for 1 step whatever C was trained with. Settings
-        that differ from the checkpoint's are named in a warning, with two exceptions: a
-        different model (the weights would not fit, or would mean something else) is refused,
-        and when ``fit`` resumes, the meta-optimizer's and scheduler's settings (their learning
-        rates included) are restored from the checkpoint's state, which the warning says.
+        Every setting comes from the run, not the checkpoint; those that differ are named in a
+        warning, and a different model is refused (the rule is in
+        :mod:`lightning_maml.checkpoint_settings`).
 
         Raises:
             ValueError: If the checkpoint was made for a different model.
         """
-        trainer = self._trainer
-        path = getattr(trainer, "ckpt_path", None) if trainer is not None else None
-        source = f"the checkpoint {path}" if path else "the checkpoint"
-        saved = checkpoint.get("hyper_parameters") or {}
-        differences = setting_differences(dict(self.hparams), dict(saved))
-        model = {k: v for k, v in differences.items() if k == "model" or k.startswith("model.")}
-        if model:
-            listed = "; ".join(
-                f"{k}: {now!r} here, {then!r} in it" for k, (now, then) in model.items()
-            )
-            raise ValueError(
-                f"{source} was trained with a different model ({listed}). Its weights cannot "
-                "be used with this one: test or resume it with the recipe it was trained with, "
-                "or set the model's settings to match."
-            )
-        self._check_weights_fit(checkpoint.get("state_dict"), source)
-        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
-        saved_data = checkpoint.get("datamodule_hyper_parameters")
-        if datamodule is not None and saved_data:
-            differences.update(
-                setting_differences(dict(datamodule.hparams), dict(saved_data), prefix="data")
-            )
-        if not differences:
-            return
-        resuming = trainer is not None and trainer.state.fn == "fit"
-        restored = ("meta_optimizer", "lr_scheduler")
-        lines = []
-        for name, (now, then) in differences.items():
-            if resuming and name.split(".")[0] in restored:
-                lines.append(f"  {name}: {then!r} (restored from the checkpoint; {now!r} given)")
-            else:
-                lines.append(f"  {name}: {now!r} (the checkpoint has {then!r})")
-        rank_zero_warn(
-            f"Settings that differ from those saved in {source}; the run uses the first value:\n"
-            + "\n".join(lines),
-            category=UserWarning,
-        )
-
-    def _check_weights_fit(self, saved: dict[str, Any] | None, source: str) -> None:
-        # The settings cannot tell a model built in Python (not saved with them) from another:
-        # the weights' names and shapes can, before Lightning's "size mismatch" dump.
-        if saved is None:
-            return
-        own = self.state_dict()
-        problems = [
-            f"{k}: {tuple(v.shape)} in it, {tuple(own[k].shape)} here"
-            for k, v in saved.items()
-            if k in own and isinstance(v, Tensor) and v.shape != own[k].shape
-        ]
-        if self.strict_loading:
-            problems += [f"{k}: missing in it" for k in own if k not in saved]
-            problems += [f"{k}: not in this model" for k in saved if k not in own]
-        if problems:
-            shown = "; ".join(problems[:3]) + (
-                f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
-            )
-            raise ValueError(
-                f"{source} holds weights of a different model ({shown}). Test or resume it "
-                "with the model it was trained with."
-            )
+        check_checkpoint(self, checkpoint)
 
     def configure_optimizers(self) -> Any:
         optimizer = self.meta_optimizer(self.meta_parameters())
@@ -409,35 +228,17 @@ class MetaLearner(LightningModule):
     def check_batch(self, batch: TaskBatch) -> None:
         """Raises ``ValueError`` if ``batch`` does not suit the model and the loss.
 
-        One forward pass of the model on the first task's support set, then, for a loss given
-        by name, the targets of every set against its predictions: ``"mse"`` needs floating
-        targets shaped exactly like the predictions (no silent broadcasting), and
-        ``"cross_entropy"`` integer labels, one per example, within the model's classes.
-        MetaLearner calls it on the first batch of each stage.
+        MetaLearner calls it on the first batch of each stage; the checks are
+        :func:`lightning_maml.targets.check_batch`'s.
         """
-        if not isinstance(batch, TaskBatch):
-            raise ValueError(
-                f"MetaLearner takes batches of tasks (lightning_maml.TaskBatch), got "
-                f"{type(batch).__name__}: use a datamodule of datamodules/ or yield TaskBatch."
-            )
-        try:
-            with torch.no_grad():
-                prediction = self.model(batch.support_x[0])
-        except RuntimeError as err:
-            raise ValueError(
-                f"The model cannot take this batch's inputs (one task's support_x is shaped "
-                f"{tuple(batch.support_x.shape[1:])}): {err}"
-            ) from err
-        for split in ("support", "query", "hessian"):
-            targets = getattr(batch, f"{split}_y")
-            if targets is not None:
-                _check_targets(self.loss_name, prediction, targets, split)
+        check_batch(self.model, self.loss_name, batch)
 
     def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
         if "train" not in self._checked_stages:
             self.check_batch(batch)
             self._checked_stages.add("train")
-        optimizer = self.optimizers()
+        # configure_optimizers gives one optimizer and at most one scheduler.
+        optimizer = cast(LightningOptimizer, self.optimizers())
         step = self.algorithm.meta_gradient(self.model, self.loss_fn, batch, self.global_step)
         self.last_meta_step = step
 
@@ -473,12 +274,12 @@ class MetaLearner(LightningModule):
             )
         if self.gradient_clip_val is not None:
             self.clip_gradients(
-                optimizer,
+                optimizer,  # type: ignore[arg-type]  # Lightning documents passing self.optimizers()
                 gradient_clip_val=self.gradient_clip_val,
                 gradient_clip_algorithm=self.gradient_clip_algorithm,
             )
         optimizer.step()
-        scheduler = self.lr_schedulers()
+        scheduler = cast("LRScheduler | None", self.lr_schedulers())
         if scheduler is not None:
             scheduler.step()
 
@@ -504,8 +305,8 @@ class MetaLearner(LightningModule):
         """
         trainer = self.trainer
         return (
-            trainer._logger_connector.should_update_logs
-            or bool(trainer.fast_dev_run)
+            compat.should_update_logs(trainer)
+            or bool(trainer.fast_dev_run)  # type: ignore[attr-defined]  # set by Lightning outside __init__, undeclared
             or self.global_step == 1
             or 0 < trainer.max_steps <= self.global_step
         )
@@ -538,15 +339,18 @@ class MetaLearner(LightningModule):
             self._checked_stages.add(stage)
         result = self.evaluate(batch)
         self.last_evaluation = result
-        self.eval_metrics[f"{stage}_tasks"].update(float(batch.num_tasks))
-        self.eval_metrics[f"{stage}_diverged"].update(
+        self._metric(f"{stage}_tasks").update(float(batch.num_tasks))
+        self._metric(f"{stage}_diverged").update(
             (~torch.isfinite(result.task_losses)).sum().double()
         )
-        self.eval_metrics[f"{stage}_loss"].update(result.task_losses)
+        self._metric(f"{stage}_loss").update(result.task_losses)
         accuracy = self._accuracy(result, batch)
         if accuracy is not None:
-            self.eval_metrics[f"{stage}_accuracy"].update(accuracy)
-        self.eval_metrics[f"{stage}_loss_before"].update(result.loss_before, batch.num_tasks)
+            self._metric(f"{stage}_accuracy").update(accuracy)
+        self._metric(f"{stage}_loss_before").update(result.loss_before, batch.num_tasks)
+
+    def _metric(self, key: str) -> Metric:
+        return cast(Metric, self.eval_metrics[key])
 
     def _compute(self, key: str) -> Any:
         """Computes and resets one evaluation metric.
@@ -554,7 +358,7 @@ class MetaLearner(LightningModule):
         Every rank computes (a collective under DDP), also one that had no batch to evaluate;
         the reduced result, the same on every rank, decides what is logged.
         """
-        metric = self.eval_metrics[key]
+        metric = self._metric(key)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*was called before the ``update``")
             value = metric.compute()

@@ -47,6 +47,9 @@ class MeanWithCI(Metric):
     """
 
     full_state_update = False
+    total: Tensor
+    total_sq: Tensor
+    count: Tensor
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)

@@ -171,8 +171,15 @@ class TaskBatch:
         """Stacks single tasks into a batch (task dimension first)."""
         if not tasks:
             raise ValueError("TaskBatch.of needs at least one task.")
-        columns = zip(*tasks, strict=True)
-        return TaskBatch(*[None if c[0] is None else torch.stack(c) for c in columns])
+        support_x, support_y, query_x, query_y, hessian_x, hessian_y = zip(*tasks, strict=True)
+        return TaskBatch(
+            torch.stack(support_x),
+            torch.stack(support_y),
+            torch.stack(query_x),
+            torch.stack(query_y),
+            None if hessian_x[0] is None else torch.stack(hessian_x),
+            None if hessian_y[0] is None else torch.stack(hessian_y),
+        )
 
     @staticmethod
     def stack(tasks: list[TaskBatch]) -> TaskBatch:

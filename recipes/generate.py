@@ -33,10 +33,10 @@ from lightning_maml.variants import Recipe, Variant, get, variants  # noqa: E402
 
 #: The datamodule class of each benchmark, as the recipes name it.
 DATAMODULES = {
-    "omniglot": "datamodules.OmniglotDataModule",
-    "miniimagenet": "datamodules.MiniImageNetDataModule",
-    "cifarfs": "datamodules.CIFARFSDataModule",
-    "fc100": "datamodules.FC100DataModule",
+    "omniglot": "lightning_maml.datamodules.OmniglotDataModule",
+    "miniimagenet": "lightning_maml.datamodules.MiniImageNetDataModule",
+    "cifarfs": "lightning_maml.datamodules.CIFARFSDataModule",
+    "fc100": "lightning_maml.datamodules.FC100DataModule",
 }
 #: The learner's meta-optimizer unless a variant's recipe says otherwise.
 ADAM = {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.001}}

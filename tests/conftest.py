@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from datamodules.omniglot import _locate as locate_omniglot
+from lightning_maml.datamodules.omniglot import _locate as locate_omniglot
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")

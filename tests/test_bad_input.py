@@ -19,9 +19,9 @@ import pytest
 import torch
 from test_recipes import write_omniglot
 
-from datamodules import SinusoidDataModule
 from lightning_maml import HFMAML, MAML, MetaLearner, TaskBatch
 from lightning_maml.cli import main
+from lightning_maml.datamodules import SinusoidDataModule
 from lightning_maml.models import MLP, ConvNet
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"

@@ -16,10 +16,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 
-from datamodules import SinusoidDataModule
 from lightning_maml import MAML, MetaLearner
 from lightning_maml.callbacks import ModelCheckpoint
 from lightning_maml.cli import main
+from lightning_maml.datamodules import SinusoidDataModule
 from lightning_maml.models import MLP
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"

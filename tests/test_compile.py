@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from datamodules import SinusoidDataModule
-from datamodules.base import TrainTaskStream
 from lightning_maml import FOMAML, HFMAML, MAML, MetaLearner
+from lightning_maml.datamodules import SinusoidDataModule
+from lightning_maml.datamodules.base import TrainTaskStream
 from lightning_maml.functional import mse_loss
 from lightning_maml.models import MLP
 

@@ -8,9 +8,9 @@ import lightning as L
 import pytest
 import torch
 
-from datamodules import SinusoidDataModule
 from lightning_maml import FOMAML, HFMAML, MAML, MetaLearner, MetaSGD, PerStepRates
 from lightning_maml.callbacks import ModelCheckpoint
+from lightning_maml.datamodules import SinusoidDataModule
 from lightning_maml.models import MLP
 
 pytestmark = [pytest.mark.slow, pytest.mark.ddp]

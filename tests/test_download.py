@@ -2,7 +2,7 @@
 
 The server serves small archives generated here in the official layouts (Omniglot's zips,
 CIFAR-100's python tarball) and a 1 MB blob for the interruption and full-disk cases; their MD5s
-reach :func:`datamodules.download.download` through its ``datasets`` argument, the registry that
+reach :func:`lightning_maml.datamodules.download.download` through its ``datasets`` argument, the registry that
 the shipped data sets' pinned hashes live in by default.
 """
 
@@ -37,14 +37,15 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.cifar import (
+from lightning_maml import MAML
+from lightning_maml.datamodules.cifar import (
     CIFARFS_CLASSES,
     FC100_SUPERCLASSES,
     CIFARFSDataModule,
     FC100DataModule,
     read_cifar100,
 )
-from datamodules.download import (
+from lightning_maml.datamodules.download import (
     DATASETS,
     LOCK_FILE,
     MIRROR_ENV,
@@ -54,9 +55,8 @@ from datamodules.download import (
     download,
     main,
 )
-from datamodules.miniimagenet import MiniImageNetDataModule
-from datamodules.omniglot import OmniglotDataModule, read_omniglot
-from lightning_maml import MAML
+from lightning_maml.datamodules.miniimagenet import MiniImageNetDataModule
+from lightning_maml.datamodules.omniglot import OmniglotDataModule, read_omniglot
 from lightning_maml.learner import MetaLearner
 from lightning_maml.models import ConvNet
 
@@ -355,7 +355,7 @@ def test_a_dropped_connection_keeps_the_part_and_the_next_run_resumes(server, tm
 
 
 def test_a_stalled_server_times_out_and_the_next_run_resumes(server, tmp_path, monkeypatch):
-    monkeypatch.setattr("datamodules.download.TIMEOUT", 0.5)
+    monkeypatch.setattr("lightning_maml.datamodules.download.TIMEOUT", 0.5)
     server.faults["/blob/blob.bin"] = ["stall"]
     half = len(BLOB) // 2
     with pytest.raises(DownloadError, match=rf"dropped \(no answer for 0\.5 s\); {half:,} of"):
@@ -743,7 +743,7 @@ def test_command_help_lists_the_data_sets(capsys):
 def test_command_through_lightning_maml(server, tmp_path, capsys, monkeypatch):
     from lightning_maml.cli import main as cli
 
-    monkeypatch.setattr("datamodules.download.DATASETS", registry(server))
+    monkeypatch.setattr("lightning_maml.datamodules.download.DATASETS", registry(server))
     assert cli(["download", "omniglot", "--root", str(tmp_path), "--mirror", server.url]) == 0
     assert capsys.readouterr().out == f"omniglot is in {tmp_path}\n"
     assert files(tmp_path) == set(ZIPS)
@@ -794,7 +794,7 @@ def test_command_refuses_an_html_page_with_the_pinned_hashes(server, tmp_path):
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_datamodules_download_in_prepare_data_and_train(server, tmp_path, monkeypatch):
     monkeypatch.setenv(MIRROR_ENV, server.url)
-    monkeypatch.setattr("datamodules.download.DATASETS", registry(server))
+    monkeypatch.setattr("lightning_maml.datamodules.download.DATASETS", registry(server))
     root = tmp_path / "omniglot"
     dm = OmniglotDataModule(
         root,

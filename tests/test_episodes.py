@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules.base import TrainTaskStream
-from datamodules.episodes import EpisodeSampler, EpisodicDataModule, gather_images
+from lightning_maml.datamodules.base import TrainTaskStream
+from lightning_maml.datamodules.episodes import EpisodeSampler, EpisodicDataModule, gather_images
 from lightning_maml.tasks import TaskBatch
 
 PER_CLASS = 12

@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from datamodules import SinusoidDataModule
 from lightning_maml import (
     ANIL,
     BOIL,
@@ -34,6 +33,7 @@ from lightning_maml import (
     Reptile,
     TaskBatch,
 )
+from lightning_maml.datamodules import SinusoidDataModule
 from lightning_maml.functional import mse_loss
 from lightning_maml.inner.base import key
 from lightning_maml.models import MLP, ConvNet

@@ -14,9 +14,9 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from datamodules import SinusoidDataModule
 from lightning_maml import FOMAML, HFMAML, MAML, MetaLearner, TaskBatch
 from lightning_maml.callbacks import GradNormMonitor
+from lightning_maml.datamodules import SinusoidDataModule
 from lightning_maml.models import MLP
 
 # The tiny fits train on a bare DataLoader: MetaLearner's validation_step has nothing to run.

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.base import TrainTaskStream
-from datamodules.cifar import CIFARFSDataModule, FC100DataModule, read_cifar100
-from datamodules.miniimagenet import MiniImageNetDataModule, read_mini_imagenet
+from lightning_maml.datamodules.base import TrainTaskStream
+from lightning_maml.datamodules.cifar import CIFARFSDataModule, FC100DataModule, read_cifar100
+from lightning_maml.datamodules.miniimagenet import MiniImageNetDataModule, read_mini_imagenet
 
 # CIFAR-100's superclasses and their fine classes, as its documentation lists them; the label
 # numbers of both follow the alphabetical order of the names, as in the real meta file.

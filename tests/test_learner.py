@@ -13,8 +13,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from datamodules import MetaDataModule, SinusoidDataModule, Task
 from lightning_maml import FOMAML, HFMAML, MAML, MetaLearner
+from lightning_maml.datamodules import MetaDataModule, SinusoidDataModule, Task
 from lightning_maml.models import MLP
 
 

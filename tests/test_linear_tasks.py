@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules import LinearTasks, LinearTasksDataModule
 from lightning_maml import MAML
+from lightning_maml.datamodules import LinearTasks, LinearTasksDataModule
 from lightning_maml.theory import LinearTaskFamily
 
 
@@ -88,7 +88,7 @@ def test_closed_form_matches_sampled_tasks():
     torch.manual_seed(0)
     model = torch.nn.Linear(10, 1, bias=False)
     w = model.weight.detach().double().numpy().ravel()
-    from datamodules.base import TrainTaskStream
+    from lightning_maml.datamodules.base import TrainTaskStream
 
     batch = TrainTaskStream(tasks, 400, seed=1).batch(0)
     algorithm = MAML(0.025, hessian_batch="independent")

@@ -13,8 +13,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from datamodules import MetaDataModule, Task
 from lightning_maml import MAML, MetaLearner
+from lightning_maml.datamodules import MetaDataModule, Task
 from lightning_maml.metrics import Z_95, MeanWithCI, mean_with_ci, task_accuracy
 
 

@@ -17,10 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-import datamodules.omniglot as omniglot
-from datamodules.base import TrainTaskStream
-from datamodules.omniglot import OmniglotDataModule, read_omniglot
+import lightning_maml.datamodules.omniglot as omniglot
 from lightning_maml import MAML
+from lightning_maml.datamodules.base import TrainTaskStream
+from lightning_maml.datamodules.omniglot import OmniglotDataModule, read_omniglot
 from lightning_maml.learner import MetaLearner
 from lightning_maml.models import ConvNet
 

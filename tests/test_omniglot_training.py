@@ -9,8 +9,8 @@ import lightning as L
 import pytest
 import torch
 
-from datamodules.omniglot import OmniglotDataModule
 from lightning_maml import MAML
+from lightning_maml.datamodules.omniglot import OmniglotDataModule
 from lightning_maml.learner import MetaLearner
 from lightning_maml.models import ConvNet
 

@@ -11,10 +11,10 @@ import pytest
 from lightning.pytorch.loggers import CSVLogger
 from matplotlib.image import imread
 
-from datamodules import SinusoidDataModule
 from lightning_maml import FOMAML, MetaLearner
 from lightning_maml.callbacks import GradNormMonitor
 from lightning_maml.cli import main
+from lightning_maml.datamodules import SinusoidDataModule
 from lightning_maml.models import MLP
 from lightning_maml.tools.plot import DEFAULT_KEYS, load_run
 

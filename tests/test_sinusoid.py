@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules import SinusoidDataModule
-from datamodules.base import EvalTaskSet, TrainTaskStream
 from lightning_maml import TaskBatch
+from lightning_maml.datamodules import SinusoidDataModule
+from lightning_maml.datamodules.base import EvalTaskSet, TrainTaskStream
 
 
 def stream(dm: SinusoidDataModule, rank: int = 0, world_size: int = 1, start: int = 0):

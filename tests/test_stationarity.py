@@ -10,9 +10,9 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger
 
-from datamodules import LinearTasks, LinearTasksDataModule
 from lightning_maml import FOMAML, MAML, MetaLearner
 from lightning_maml.callbacks import StationarityMonitor
+from lightning_maml.datamodules import LinearTasks, LinearTasksDataModule
 from lightning_maml.theory import LinearTaskFamily
 
 INNER_LR = 0.025

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.base import TrainTaskStream
-from datamodules.taskset import TaskSetDataModule, TaskSetSampler
+from lightning_maml.datamodules.base import TrainTaskStream
+from lightning_maml.datamodules.taskset import TaskSetDataModule, TaskSetSampler
 
 PER_CLASS = 10
 

@@ -11,9 +11,9 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger
 
-from datamodules.base import MetaDataModule, Task
 from lightning_maml import FOMAML, HFMAML, MAML, MetaLearner, TaskBatch
 from lightning_maml.callbacks import TheoryStepSize
+from lightning_maml.datamodules.base import MetaDataModule, Task
 from lightning_maml.theory import theory_step_size
 from lightning_maml.variants import get, theory_constants
 

@@ -7,8 +7,8 @@ import csv
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger
 
-from datamodules import SinusoidDataModule
 from lightning_maml import FOMAML, MetaLearner
+from lightning_maml.datamodules import SinusoidDataModule
 from lightning_maml.models import MLP
 
 

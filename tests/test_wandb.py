@@ -16,13 +16,14 @@ import wandb
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from wandb.proto import wandb_internal_pb2
 
-from datamodules import SinusoidDataModule
 from lightning_maml import HFMAML, MetaLearner
 from lightning_maml.callbacks import GradNormMonitor
-from lightning_maml.cli import default_wandb_offline, main
+from lightning_maml.cli import main
+from lightning_maml.datamodules import SinusoidDataModule
 from lightning_maml.models import MLP
 from lightning_maml.tools.plot import load_run, wandb_records
 from lightning_maml.tools.plot import main as plot
+from lightning_maml.wandb_connection import default_wandb_offline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(REPO, "recipes", "sinusoid", "hfmaml.yaml")

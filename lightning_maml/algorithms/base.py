@@ -157,9 +157,11 @@ class MetaAlgorithm:
         ``rates``) and statistics; ``data`` holds one task's tensors."""
         raise NotImplementedError
 
-    #: Whether the variant differentiates through an inner update whose ``params_at`` changes
-    #: the parameters the model computes with (per-step BatchNorm weights).
-    handles_params_at: bool = False
+    @property
+    def handles_params_at(self) -> bool:
+        """Whether the variant differentiates through an inner update whose ``params_at``
+        changes the parameters the model computes with (per-step BatchNorm weights)."""
+        return False
 
     def check_update(self, update: InnerUpdate) -> None:
         """Raises ``ValueError`` if this variant cannot use ``update``."""

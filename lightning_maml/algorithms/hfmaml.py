@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import Tensor
@@ -170,10 +170,11 @@ class HFMAML(MetaAlgorithm):
         # A zero direction has a zero product for any delta; the floor only avoids inf * 0.
         norm = vector_norm.clamp_min(torch.finfo(vector_norm.dtype).eps)
         if self.delta == "theory":
-            return 1.0 / (self.constants.delta_denominator * self.rho * self.inner_lr * norm)
+            rho = cast(float, self.rho)  # delta='theory' has rho > 0 (__init__)
+            return 1.0 / (self.constants.delta_denominator * rho * self.inner_lr * norm)
         if self.delta is not None:
             return torch.full_like(norm, float(self.delta))
-        return self.delta_scale / norm
+        return cast(float, self.delta_scale) / norm  # set by __init__ without delta
 
     def task_meta_gradient(
         self, task: TaskModel, params: Params, rates: Params, data: dict[str, Tensor]

@@ -11,6 +11,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpo
 from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
+from lightning_maml import compat
+
 __all__ = ["ModelCheckpoint"]
 
 
@@ -36,23 +38,26 @@ class ModelCheckpoint(LightningModelCheckpoint):
         self._last_step_in_last: int | None = None
 
     @override
+    @compat.overrides_private(LightningModelCheckpoint)
     def _save_last_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict) -> None:
         super()._save_last_checkpoint(trainer, monitor_candidates)
         if self.save_last:
             self._last_step_in_last = trainer.global_step
 
     @override
+    @compat.overrides_private(LightningModelCheckpoint)
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         # Lightning writes a checkpoint to a temporary folder and moves it into place: a copy,
         # which a kill or a full disk can cut short over the previous file, whenever that
         # folder is on another file system (a local /tmp and runs on a network drive). Written
         # beside its name and renamed once complete, a checkpoint is whole or absent.
         partial = f"{filepath}.partial"
+        filesystem = compat.checkpoint_filesystem(self)
         try:
             trainer.save_checkpoint(partial, self.save_weights_only)
         except OSError as err:
-            if trainer.is_global_zero and self._fs.exists(partial):
-                self._fs.rm(partial)
+            if trainer.is_global_zero and filesystem.exists(partial):
+                filesystem.rm(partial)
             raise OSError(
                 err.errno,
                 f"could not write the checkpoint {filepath} ({err.strerror or err}); the "
@@ -60,10 +65,9 @@ class ModelCheckpoint(LightningModelCheckpoint):
                 "newest of them.",
             ) from err
         if trainer.is_global_zero:
-            self._fs.mv(partial, filepath)
+            filesystem.mv(partial, filepath)
         trainer.strategy.barrier("ModelCheckpoint._save_checkpoint")
-        self._last_global_step_saved = trainer.global_step
-        self._last_checkpoint_saved = filepath
+        compat.record_saved_checkpoint(self, trainer, filepath)
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(proxy(self))
@@ -83,7 +87,7 @@ class ModelCheckpoint(LightningModelCheckpoint):
         # resumed from them continues exactly as the uninterrupted one (tests/test_faults.py).
         # Only on the steps Lightning saves at (where it warns): leaving catch_warnings resets
         # the warning registries, so every other warning's "once" would repeat at each step.
-        n = self._every_n_train_steps
+        n = compat.every_n_train_steps(self)
         if n < 1 or trainer.global_step % n != 0:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
             return
@@ -96,13 +100,13 @@ class ModelCheckpoint(LightningModelCheckpoint):
     def _refresh_last(self, trainer: pl.Trainer) -> None:
         if (
             not self.save_last
-            or trainer.fast_dev_run
+            or trainer.fast_dev_run  # type: ignore[attr-defined]  # set by Lightning outside __init__, undeclared
             or trainer.sanity_checking
             or trainer.state.fn != TrainerFn.FITTING
             or self._last_step_in_last == trainer.global_step
         ):
             return
-        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        compat.save_last_checkpoint(self, trainer, compat.monitor_candidates(self, trainer))
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

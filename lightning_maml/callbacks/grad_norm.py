@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_maml import compat
 from lightning_maml.algorithms.base import MetaStep
 
 __all__ = ["GradNormMonitor"]
@@ -112,7 +113,7 @@ class GradNormMonitor(Callback):
         # The same test as Lightning's LearningRateMonitor and DeviceStatsMonitor (fast_dev_run
         # writes every step). It is the same on every rank, so the collective in _step_metrics
         # stays matched under DDP.
-        return trainer._logger_connector.should_update_logs or bool(trainer.fast_dev_run)
+        return compat.should_update_logs(trainer) or bool(trainer.fast_dev_run)  # type: ignore[attr-defined]  # set by Lightning outside __init__, undeclared
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

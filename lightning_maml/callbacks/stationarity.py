@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning.pytorch as pl
 import numpy as np
@@ -15,7 +15,10 @@ from typing_extensions import override
 from lightning_maml.algorithms import MAML
 from lightning_maml.checks import check_int
 from lightning_maml.functional import axpy, tree_norm
-from lightning_maml.tasks import STREAMS, TaskBatch, draw_tasks
+from lightning_maml.tasks import STREAMS, TaskBatch, TaskSampler, draw_tasks
+
+if TYPE_CHECKING:
+    from lightning_maml.learner import MetaLearner
 
 __all__ = ["StationarityMonitor"]
 
@@ -45,7 +48,7 @@ class StationarityMonitor(Callback):
         every_n_steps: Optimizer steps between estimates.
         tasks: The number of held-out tasks (at least 2).
         sampler: ``sampler(rng, split) -> Task`` for the held-out tasks, e.g.
-            ``datamodules.LinearTasks(shots=1000, query_shots=1000, hessian_shots=1000)`` (default:
+            ``lightning_maml.datamodules.LinearTasks(shots=1000, query_shots=1000, hessian_shots=1000)`` (default:
             the datamodule's ``task_sampler(split)``).
         split: The split passed to the sampler; ``"train"`` because F is the training objective.
         eps: Stop training once the estimate is ``<= eps`` (``None``: never).
@@ -90,15 +93,16 @@ class StationarityMonitor(Callback):
         datamodule = getattr(trainer, "datamodule", None)
         sampler = self.sampler
         if sampler is None:
-            if not callable(getattr(datamodule, "task_sampler", None)):
+            task_sampler = getattr(datamodule, "task_sampler", None)
+            if not callable(task_sampler):
                 raise ValueError(
                     "StationarityMonitor needs tasks: pass sampler=... or use a datamodule with "
-                    "task_sampler (a datamodules.MetaDataModule)."
+                    "task_sampler (a lightning_maml.datamodules.MetaDataModule)."
                 )
-            sampler = datamodule.task_sampler(self.split)
+            sampler = task_sampler(self.split)
         seed = self.seed if self.seed is not None else getattr(datamodule, "seed", 0)
         keys = ([seed, STREAMS["stationarity"], j] for j in range(self.tasks))
-        self._held_out = draw_tasks(sampler, self.split, keys)
+        self._held_out = draw_tasks(cast(TaskSampler, sampler), self.split, keys)
 
     @property
     def held_out(self) -> TaskBatch:
@@ -114,8 +118,9 @@ class StationarityMonitor(Callback):
             pl_module: A :class:`lightning_maml.MetaLearner` (its ``model``, ``loss_fn`` and
                 ``algorithm`` are used).
         """
-        tasks = self.held_out.to(pl_module.device)
-        learner_algorithm = pl_module.algorithm
+        learner = cast("MetaLearner", pl_module)
+        tasks = self.held_out.to(learner.device)
+        learner_algorithm = learner.algorithm
         maml = MAML(
             learner_algorithm.inner_lr,
             learner_algorithm.inner_steps,
@@ -125,9 +130,7 @@ class StationarityMonitor(Callback):
         half = tasks.num_tasks // 2
         halves = [tasks.narrow(0, half), tasks.narrow(half, tasks.num_tasks - half)]
         with torch.no_grad():  # torch.func differentiates regardless
-            g_a, g_b = (
-                maml.meta_gradient(pl_module.model, pl_module.loss_fn, t).grads for t in halves
-            )
+            g_a, g_b = (maml.meta_gradient(learner.model, learner.loss_fn, t).grads for t in halves)
         weight = half / tasks.num_tasks
         mean = {n: weight * g_a[n] + (1 - weight) * g_b[n] for n in g_a}
         return tree_norm(mean).item(), tree_norm(axpy(-1.0, g_b, g_a)).item() / 2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -9,10 +11,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_maml.checks import check_int
-from lightning_maml.tasks import STREAMS, draw_tasks
+from lightning_maml.tasks import STREAMS, TaskSampler, draw_tasks
 from lightning_maml.theory.estimate import pooled_examples
 from lightning_maml.theory.step_size import task_gradient_norms, theory_step_size
 from lightning_maml.variants import theory_constants
+
+if TYPE_CHECKING:
+    from lightning_maml.learner import MetaLearner
 
 __all__ = ["TheoryStepSize"]
 
@@ -80,24 +85,25 @@ class TheoryStepSize(Callback):
         self.beta: float | None = None
         self.L_tilde: float | None = None
         self._c: float | None = None
-        self._sampler = None
+        self._sampler: TaskSampler | None = None
         self._seed = 0
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self._c = self.c if self.c is not None else theory_constants(pl_module.algorithm).step_size
+        self._c = self.c if self.c is not None else theory_constants(cast("MetaLearner", pl_module).algorithm).step_size
         datamodule = getattr(trainer, "datamodule", None)
         self._seed = self.seed if self.seed is not None else getattr(datamodule, "seed", 0)
         if self.rho > 0:
-            if not callable(getattr(datamodule, "task_sampler", None)):
+            task_sampler = getattr(datamodule, "task_sampler", None)
+            if not callable(task_sampler):
                 raise ValueError(
                     "TheoryStepSize with rho > 0 draws its own tasks from the datamodule's "
-                    "task_sampler('train'): use a datamodules.MetaDataModule, or rho=0 for "
+                    "task_sampler('train'): use a lightning_maml.datamodules.MetaDataModule, or rho=0 for "
                     "quadratic task losses."
                 )
-            self._sampler = datamodule.task_sampler("train")
+            self._sampler = task_sampler("train")
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -117,15 +123,17 @@ class TheoryStepSize(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int
     ) -> None:
+        learner = cast("MetaLearner", pl_module)
         step = trainer.global_step
         norms = None
         if self.rho > 0:
             keys = ([self._seed, STREAMS["step_size"], step, j] for j in range(self.tasks))
-            tasks = draw_tasks(self._sampler, "train", keys)
-            x, y = pooled_examples(tasks.to(pl_module.device), self.shots)
-            norms = task_gradient_norms(pl_module.model, pl_module.loss_fn, x, y)
+            # setup drew the sampler and the constant c before training started.
+            tasks = draw_tasks(cast(TaskSampler, self._sampler), "train", keys)
+            x, y = pooled_examples(tasks.to(learner.device), self.shots)
+            norms = task_gradient_norms(learner.model, learner.loss_fn, x, y)
         self.beta, self.L_tilde = theory_step_size(
-            self.L, self.rho, pl_module.algorithm.inner_lr, self._c, norms
+            self.L, self.rho, learner.algorithm.inner_lr, cast(float, self._c), norms
         )
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:

@@ -155,7 +155,7 @@ class InnerUpdate(nn.Module):
         """
         if not rates:
             return {}
-        sizes, pull = vjp(lambda r: self.step_sizes(r, steps), rates)
+        sizes, pull = vjp(lambda r: self.step_sizes(r, steps), rates)  # type: ignore[misc]  # torch.func.vjp's return type ignores has_aux=False
         shaped = [
             {n: c[n].sum_to_size(torch.as_tensor(s[n]).shape) for n in s}
             for s, c in zip(sizes, cotangents, strict=True)

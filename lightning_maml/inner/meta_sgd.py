@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
@@ -33,11 +35,14 @@ class MetaSGD(InnerUpdate):
         if not hasattr(self, "lr"):
             like = dict(model.named_parameters())
             self.lr = nn.ParameterDict(
-                {key(n): nn.Parameter(torch.full_like(like[n], self.inner_lr)) for n in shapes}
+                {
+                    key(n): nn.Parameter(torch.full_like(like[n], cast(float, self.inner_lr)))
+                    for n in shapes
+                }
             )
 
     def step_sizes(self, rates: Params, steps: int) -> list[StepSizes]:
-        sizes = {n: rates[f"lr.{key(n)}"] for n in self.adapted}
+        sizes: StepSizes = {n: rates[f"lr.{key(n)}"] for n in self.adapted}
         return [sizes] * steps
 
     def summary(self) -> dict[str, Tensor]:

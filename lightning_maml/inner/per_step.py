@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -72,17 +73,16 @@ class PerStepRates(InnerUpdate):
 
     def build(self, shapes: dict[str, torch.Size], model: nn.Module) -> None:
         like = dict(model.named_parameters())
+        # bind sets both before it builds.
+        steps, inner_lr = cast(int, self.inner_steps), cast(float, self.inner_lr)
         if not hasattr(self, "lr"):
             self.lr = nn.ParameterDict(
-                {
-                    key(n): nn.Parameter(like[n].new_full((self.inner_steps,), self.inner_lr))
-                    for n in shapes
-                }
+                {key(n): nn.Parameter(like[n].new_full((steps,), inner_lr)) for n in shapes}
             )
         if self.batch_norm and not hasattr(self, "bn"):
             self.bn = nn.ParameterDict(
                 {
-                    key(n): nn.Parameter(like[n].new_zeros(self.inner_steps, *like[n].shape))
+                    key(n): nn.Parameter(like[n].new_zeros(steps, *like[n].shape))
                     for n in self.normalized
                 }
             )

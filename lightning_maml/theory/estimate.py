@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -105,7 +106,7 @@ def pooled_examples(tasks: TaskBatch, limit: int | None = None) -> tuple[Tensor,
 
 
 def _dot(a: Params, b: Params) -> Tensor:
-    return sum((a[n] * b[n]).sum() for n in a)
+    return cast(Tensor, sum((a[n] * b[n]).sum() for n in a))  # a parameter dict is not empty
 
 
 def _scale(a: Params, s: Tensor | float) -> Params:
@@ -119,7 +120,7 @@ def _hvp(task: TaskModel, params: Params, vector: Params, x: Tensor, y: Tensor) 
     ("ZeroTensors are immutable", pytorch/pytorch#123996); the reverse-over-reverse product
     is the same matrix-vector product and works for every loss.
     """
-    _, pullback = vjp(lambda p: grad(task.loss)(p, x, y), params)
+    _, pullback = vjp(lambda p: grad(task.loss)(p, x, y), params)  # type: ignore[misc]  # torch.func.vjp's return type ignores has_aux=False
     return pullback(vector)[0]
 
 
@@ -129,7 +130,9 @@ def _random_units(params: Params, shape: tuple[int, ...], generator: torch.Gener
         n: torch.randn((*shape, *p.shape), generator=generator, dtype=p.dtype).to(p.device)
         for n, p in params.items()
     }
-    norm = torch.sqrt(sum(d.flatten(len(shape)).pow(2).sum(-1) for d in draws.values()))
+    norm = torch.sqrt(
+        cast(Tensor, sum(d.flatten(len(shape)).pow(2).sum(-1) for d in draws.values()))
+    )
     return {n: d / norm.view(*shape, *([1] * (d.dim() - len(shape)))) for n, d in draws.items()}
 
 
@@ -248,7 +251,7 @@ def estimate_constants(
     params = task.params()
     num_tasks, examples = x.shape[0], x.shape[1]
     generator = torch.Generator().manual_seed(seed)
-    data = {
+    data: dict[str, Any] = {
         "x": x,
         "y": y,
         "start": _random_units(params, (num_tasks,), generator),

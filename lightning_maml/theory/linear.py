@@ -1,6 +1,6 @@
 """The MAML objective of the linear-regression task family, in closed form.
 
-The family is ``datamodules.LinearTasks``: task ``i`` has input variances
+The family is ``lightning_maml.datamodules.LinearTasks``: task ``i`` has input variances
 ``a_i ~ U[low, high]^d``, inputs ``x ~ N(0, diag(a_i))`` and the true weight
 ``theta_i = center + spread * (a_i - mean) / std`` (mean and standard deviation of
 ``U[low, high]``). With the model ``x -> w . x`` and the loss ``"mse"`` (no 1/2), each task loss
@@ -37,7 +37,7 @@ __all__ = ["LinearTaskFamily"]
 class LinearTaskFamily:
     """Exact F, grad F, optima and constants of the linear task family.
 
-    The arguments are those of ``datamodules.LinearTasks`` of the same name.
+    The arguments are those of ``lightning_maml.datamodules.LinearTasks`` of the same name.
 
     Args:
         dim: Input dimension d.

@@ -1,6 +1,6 @@
 """The experiment of ``recipes/theory``: Fallah et al. 2020's claims, measured.
 
-Part 1, linear-regression tasks (``datamodules.LinearTasks``), where F and grad F are exact
+Part 1, linear-regression tasks (``lightning_maml.datamodules.LinearTasks``), where F and grad F are exact
 (:class:`lightning_maml.theory.LinearTaskFamily`): MAML, FO-MAML and HF-MAML (Hessian terms on
 an independent batch D_h) from ``w_0 = 0`` with the theory's step size ``beta_k = c / L~`` (here
 ``L~ = 4 L`` since ``rho = 0``), the exact ``||grad F(w_k)||`` recorded at every step. All runs
@@ -36,12 +36,15 @@ import torch
 from lightning.pytorch import Trainer
 from torch import nn
 
-from datamodules.base import TrainTaskStream
-from datamodules.linear_tasks import LinearTasks
-from datamodules.sinusoid import SinusoidDataModule, SinusoidTasks
+
+
+
 from lightning_maml import variants
 from lightning_maml.algorithms import MetaAlgorithm
 from lightning_maml.callbacks import StationarityMonitor, TheoryStepSize
+from lightning_maml.datamodules.base import TrainTaskStream
+from lightning_maml.datamodules.linear_tasks import LinearTasks
+from lightning_maml.datamodules.sinusoid import SinusoidDataModule, SinusoidTasks
 from lightning_maml.functional import axpy, tree_norm
 from lightning_maml.learner import MetaLearner
 from lightning_maml.models import MLP
@@ -104,7 +107,7 @@ def linear_curves(
     """The exact ``||grad F(w_k)||``, ``k = 0 .. steps``, of each ``(variant, inner_lr)`` run.
 
     Every run starts at ``w_0 = 0`` and takes the theory's step ``c / L~(w_k)``; all runs share
-    one task stream (``datamodules.LinearTasks`` with ``tasks`` tasks per step and ``shots``
+    one task stream (``lightning_maml.datamodules.LinearTasks`` with ``tasks`` tasks per step and ``shots``
     examples in each of D_in, D_o, D_h).
 
     Args:

@@ -187,7 +187,7 @@ def read_wandb_run(path: Path) -> tuple[dict[str, Series], str]:
     series: dict[str, Series] = {}
     label = path.stem.removeprefix("run-")
     for data in wandb_records(path):
-        record = wandb_internal_pb2.Record()
+        record = wandb_internal_pb2.Record()  # type: ignore[attr-defined]  # generated, untyped
         record.ParseFromString(data)
         kind = record.WhichOneof("record_type")
         if kind == "run":
@@ -317,7 +317,7 @@ def _select(runs: Sequence[Run], patterns: Sequence[str] | None) -> list[str]:
                 f"None of {', '.join(DEFAULT_KEYS)} was logged; choose with --keys from: {listing}."
             )
         return keys
-    keys: list[str] = []
+    keys = []
     for pattern in patterns:
         matched = [key for key in available if fnmatch.fnmatchcase(key, pattern)]
         if not matched:
