@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, SumMetric
 
 from lightning_maml.algorithms.base import Evaluation, MetaAlgorithm, MetaStep
+from lightning_maml.checkpoint_io import check_finite_weights
 from lightning_maml.checks import check_int
 from lightning_maml.functional import mse_loss
 from lightning_maml.inner import InnerUpdate
@@ -275,6 +276,18 @@ class MetaLearner(LightningModule):
         if plain != dict(self.hparams):
             self.save_hyperparameters(plain)
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> MetaLearner:
+        """Lightning's ``load_from_checkpoint``, reading the file with ``weights_only=True``.
+
+        Lightning unpickles ``http(s)://`` checkpoints with ``weights_only=False`` unless told
+        otherwise, which runs any code the file holds; pass ``weights_only=False`` only for a
+        file from a source you trust.
+        """
+        if len(args) < 4:  # weights_only is the fifth parameter, after map_location and two more
+            kwargs.setdefault("weights_only", True)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
     # -- set-up ----------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
@@ -330,6 +343,7 @@ class MetaLearner(LightningModule):
                 "or set the model's settings to match."
             )
         self._check_weights_fit(checkpoint.get("state_dict"), source)
+        check_finite_weights(checkpoint.get("state_dict") or {}, source)
         datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
         saved_data = checkpoint.get("datamodule_hyper_parameters")
         if datamodule is not None and saved_data:

@@ -67,11 +67,11 @@ def run(save_dir: Path, **kwargs) -> subprocess.CompletedProcess:
 
 
 def step_of(path: Path) -> int:
-    return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+    return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
 def trained_steps(save_dir: Path) -> list[int]:

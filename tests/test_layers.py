@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RANK = {
     "tasks": 0,
     "checks": 0,
+    "checkpoint_io": 0,
     "functional": 1,
     "metrics": 1,
     "models": 1,
