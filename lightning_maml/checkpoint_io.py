@@ -37,7 +37,8 @@ __all__ = [
     "read_checkpoint",
 ]
 
-#: ``ckpt_path`` values Lightning resolves itself, to files it finds on its own.
+#: ``ckpt_path`` values Lightning resolves itself, to files it finds on its own
+#: (``registry:NAME`` too).
 LIGHTNING_NAMES = ("hpc", "registry")
 #: ``ckpt_path`` values that name a checkpoint of a ``fit`` earlier in the same process.
 IN_PROCESS_NAMES = ("best", "last")
@@ -193,9 +194,9 @@ def cli_ckpt_path(path: str | Path | None, command: str) -> str | Path | None:
 
     A local file is checked in place (:func:`read_checkpoint`); a remote one is fetched and
     checked, and its checked local copy is returned, so that Lightning never unpickles an
-    unchecked file. ``hpc`` and ``registry`` are left to Lightning; ``best`` and ``last`` are
-    refused, since they name a checkpoint of a ``fit`` run earlier in the same process, which a
-    command never has.
+    unchecked file. ``hpc`` and ``registry[:NAME]`` are left to Lightning; ``best`` and
+    ``last`` are refused, since they name a checkpoint of a ``fit`` run earlier in the same
+    process, which a command never has.
 
     Args:
         path: The ``--ckpt_path`` given (None: none).
@@ -205,8 +206,8 @@ def cli_ckpt_path(path: str | Path | None, command: str) -> str | Path | None:
         FileNotFoundError: If there is no such file.
         ValueError: If the file cannot be used, or for ``best`` and ``last``.
     """
-    if path is None or path in LIGHTNING_NAMES:
-        return path
+    if path is None or str(path).lower().split(":")[0] in LIGHTNING_NAMES:
+        return path  # Lightning loads what it finds for these with weights_only=True
     if path in IN_PROCESS_NAMES:
         which = "the best" if path == "best" else "the newest"
         raise ValueError(
