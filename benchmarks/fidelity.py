@@ -493,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         if point == "init":
             state, step = initial, 0
         else:
-            checkpoint = torch.load(point, map_location="cpu", weights_only=False)
+            checkpoint = torch.load(point, map_location="cpu", weights_only=True)
             state, step = checkpoint["state_dict"], checkpoint["global_step"]
         learner.load_state_dict(state)
         label = f"{Path(point).name} (step {step})" if point != "init" else "init (step 0)"

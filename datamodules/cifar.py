@@ -19,7 +19,6 @@ unpacks it into ``ROOT/cifar-100-python/`` (see :mod:`lightning_maml.datamodules
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -29,6 +28,7 @@ from torch import Tensor
 
 from lightning_maml.datamodules.download import download
 from lightning_maml.datamodules.episodes import EpisodicDataModule
+from lightning_maml.datamodules.safe_pickle import load_data_pickle
 
 __all__ = [
     "CIFARFS_CLASSES",
@@ -109,18 +109,7 @@ def _locate(root: Path) -> Path:
 
 def _unpickle(path: Path, keys: tuple[bytes, ...]) -> dict:
     fix = f"replace {path} with a fresh copy of cifar-100-python."
-    try:
-        with path.open("rb") as f:
-            data = pickle.load(f, encoding="bytes")
-    except (
-        pickle.UnpicklingError,
-        EOFError,
-        ValueError,
-        TypeError,
-        AttributeError,
-        ImportError,
-    ) as err:
-        raise ValueError(f"cannot unpickle {path} ({err!r}): corrupt or truncated; {fix}") from err
+    data = load_data_pickle(path, fix, encoding="bytes")
     if not isinstance(data, dict) or not set(keys) <= data.keys():
         found = sorted(data) if isinstance(data, dict) else type(data).__name__
         raise ValueError(f"{path} must be a dict with the keys {list(keys)}, got {found}; {fix}")

@@ -7,8 +7,8 @@ one the files carry. Two layouts are read, under ``root``:
   ``mini-imagenet-cache-test.pkl``: the pickles that learn2learn distributes
   (``learn2learn.vision.datasets.MiniImagenet(root, mode=..., download=True)`` downloads them),
   each a dict with ``"image_data"``, ``uint8`` ``(N, 84, 84, 3)``, and ``"class_dict"``,
-  ``{class name: [indices into image_data]}``. Unpickling runs code from the file: read only
-  files from a source you trust.
+  ``{class name: [indices into image_data]}``. They are read by an unpickler that builds only
+  NumPy arrays and plain containers, so a file that would run code is refused, by name.
 - ``images/`` + ``train.csv``, ``val.csv``, ``test.csv``: Ravi & Larochelle's layout
   (https://github.com/twitter-research/meta-learning-lstm, whose script builds ``images/`` from
   ImageNet), CSVs with the header ``filename,label``. Images that are not 84x84 are resized with
@@ -24,7 +24,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-import pickle
 from pathlib import Path
 from typing import Literal
 
@@ -35,6 +34,7 @@ from torch import Tensor
 
 from lightning_maml.datamodules.download import DownloadError, miniimagenet_howto
 from lightning_maml.datamodules.episodes import EpisodicDataModule
+from lightning_maml.datamodules.safe_pickle import load_data_pickle
 
 __all__ = ["MiniImageNetDataModule", "read_mini_imagenet"]
 
@@ -65,18 +65,7 @@ def _locate(root: Path) -> str:
 def _read_pickle(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """One split's images ``(N, 84, 84, 3)`` and class indices, checked."""
     fix = f"replace {path} with a fresh copy."
-    try:
-        with path.open("rb") as f:
-            data = pickle.load(f)
-    except (
-        pickle.UnpicklingError,
-        EOFError,
-        ValueError,
-        TypeError,
-        AttributeError,
-        ImportError,
-    ) as err:
-        raise ValueError(f"cannot unpickle {path} ({err!r}): corrupt or truncated; {fix}") from err
+    data = load_data_pickle(path, fix)
     if not isinstance(data, dict) or not {"image_data", "class_dict"} <= data.keys():
         raise ValueError(f"{path} is not a dict with 'image_data' and 'class_dict'; {fix}")
     images, class_dict = data["image_data"], data["class_dict"]

@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_maml import compat
+from lightning_maml.checkpoint_io import check_finite_weights
 from lightning_maml.hyperparameters import qualified_name
 
 __all__ = ["check_checkpoint", "check_weights_fit", "setting_differences"]
@@ -44,6 +45,7 @@ def check_checkpoint(module: LightningModule, checkpoint: dict[str, Any]) -> Non
             "or set the model's settings to match."
         )
     check_weights_fit(module, checkpoint.get("state_dict"), source)
+    check_finite_weights(checkpoint.get("state_dict") or {}, source)
     datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
     saved_data = checkpoint.get("datamodule_hyper_parameters")
     if datamodule is not None and saved_data:

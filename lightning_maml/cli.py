@@ -22,7 +22,7 @@ from typing_extensions import override
 
 from lightning_maml import compat
 from lightning_maml.callbacks.run_lock import RunDirectoryLock
-from lightning_maml.checks import check_checkpoint_file
+from lightning_maml.checkpoint_io import cli_ckpt_path
 from lightning_maml.learner import MetaLearner
 from lightning_maml.subcommands import (
     add_tools_to_help,
@@ -124,11 +124,12 @@ class MetaCLI(LightningCLI):
         # command line, so that `test --ckpt_path C --model.eval_inner_steps 1` silently ran
         # with the checkpoint's 10 steps. Here the config and command line take effect;
         # MetaLearner.on_load_checkpoint names every setting that differs from the checkpoint's
-        # and refuses a different model. Only the file itself is checked now, before any work.
+        # and refuses a different model. Only the file itself is checked now, before any work;
+        # Lightning gets the checked file (a remote one's checked local copy).
         subcommand = self.config.get("subcommand")
-        path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if path is not None and path not in ("last", "best", "hpc", "registry"):
-            check_checkpoint_file(path)
+        if subcommand:
+            path = self.config[subcommand].get("ckpt_path")
+            self.config[subcommand]["ckpt_path"] = cli_ckpt_path(path, subcommand)
 
     def after_fit(self) -> None:
         finish_wandb_runs(self.trainer)

@@ -173,6 +173,18 @@ class MetaLearner(LightningModule):
         if plain != dict(self.hparams):
             self.save_hyperparameters(plain)
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> MetaLearner:
+        """Lightning's ``load_from_checkpoint``, reading the file with ``weights_only=True``.
+
+        Lightning unpickles ``http(s)://`` checkpoints with ``weights_only=False`` unless told
+        otherwise, which runs any code the file holds; pass ``weights_only=False`` only for a
+        file from a source you trust.
+        """
+        if len(args) < 4:  # weights_only is the fifth parameter, after map_location and two more
+            kwargs.setdefault("weights_only", True)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
     # -- set-up ----------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:

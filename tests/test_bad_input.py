@@ -236,6 +236,84 @@ def test_cli_checkpoint_of_another_model_is_refused(sinusoid_checkpoint, tmp_pat
     assert "model.init_args.hidden: 20 here, 40 in it" in line
 
 
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_estimate_names_an_unreadable_checkpoint(sinusoid_checkpoint, tmp_path, capsys, damage):
+    broken = tmp_path / "broken.ckpt"
+    if damage == "truncated":
+        data = sinusoid_checkpoint.read_bytes()
+        broken.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SystemExit) as exit_:
+        main(["estimate", "--config", SINUSOID, f"--ckpt_path={broken}"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("lightning-maml estimate: error: ")
+    if damage == "missing":
+        assert f"ckpt_path {broken}: no such file" in line
+    else:
+        assert f"cannot read checkpoint {broken}" in line and "truncated" in line
+
+
+def test_estimate_names_a_checkpoint_of_another_model(sinusoid_checkpoint, capsys):
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "estimate",
+                "--config",
+                SINUSOID,
+                f"--ckpt_path={sinusoid_checkpoint}",
+                "--model.model.init_args.hidden=20",
+            ]
+        )
+    assert "was trained with a different model" in last_line(capsys)
+
+
+@pytest.fixture
+def diverged_checkpoint(sinusoid_checkpoint, tmp_path) -> Path:
+    checkpoint = torch.load(sinusoid_checkpoint, weights_only=True)
+    checkpoint["state_dict"]["model.2.weight"][0, 0] = float("nan")
+    path = tmp_path / "diverged.ckpt"
+    torch.save(checkpoint, path)
+    return path
+
+
+@pytest.mark.parametrize("command", ["fit", "test"])
+def test_cli_non_finite_weights_in_a_checkpoint_are_named(
+    command, diverged_checkpoint, tmp_path, capsys
+):
+    # Before, testing it warned that val/test loss was not finite and blamed inner_lr.
+    args = [command, "--config", SINUSOID, *CSV, f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    small = ["--trainer.max_steps=6", "--data.init_args.num_test_tasks=4"]
+    assert main([*args, *small, f"--ckpt_path={diverged_checkpoint}"]) == 1
+    line = last_line(capsys)
+    assert (
+        f"the checkpoint {diverged_checkpoint} holds non-finite values in model.2.weight: it "
+        "was saved after training diverged; resume or test from an earlier checkpoint"
+    ) in line
+
+
+def test_python_non_finite_weights_in_a_checkpoint_are_named(diverged_checkpoint):
+    with pytest.raises(ValueError, match=r"holds non-finite values in model\.2\.weight"):
+        MetaLearner.load_from_checkpoint(diverged_checkpoint)
+
+
+@pytest.mark.parametrize(
+    ("command", "name"), [("test", "best"), ("validate", "best"), ("fit", "last")]
+)
+def test_cli_best_and_last_say_to_give_the_file(command, name, tmp_path, capsys):
+    # Before, `test --ckpt_path best` said ModelCheckpoint was not configured (the recipe
+    # configures one), and `fit --ckpt_path last` trained from scratch after a warning.
+    args = [command, "--config", SINUSOID, *CSV, f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    small = ["--trainer.max_steps=2", "--data.init_args.num_val_tasks=4"]
+    assert main([*args, *small, "--data.init_args.num_test_tasks=4", f"--ckpt_path={name}"]) == 1
+    line = last_line(capsys)
+    assert f"--ckpt_path {name} names" in line
+    assert "a fit run earlier in the same Python process" in line
+    assert "RUN/checkpoints/last.ckpt" in line and "the best one's file" in line
+    assert not list(tmp_path.rglob("metrics.csv")), "nothing ran"
+
+
 def test_cli_non_finite_validation_is_logged_and_named(tmp_path, capsys):
     # inner_lr 0.3 trains (one inner step) but diverges over the 10 evaluation steps. Before,
     # val/loss vanished from the logs, or the run died on the checkpoint's missing monitor key.
@@ -257,7 +335,7 @@ def test_cli_non_finite_validation_is_logged_and_named(tmp_path, capsys):
     losses = [r["val/loss"] for r in csv.DictReader(metrics.open()) if r.get("val/loss")]
     assert len(losses) == 2 and all(not math.isfinite(float(v)) for v in losses)
     (last,) = tmp_path.rglob("last.ckpt")
-    assert torch.load(last, weights_only=False)["global_step"] == 20
+    assert torch.load(last, weights_only=True)["global_step"] == 20
 
 
 def test_python_data_and_model_mismatch_before_any_step():

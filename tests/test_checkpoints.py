@@ -37,7 +37,7 @@ TEST_LOSS = re.compile(r"^test loss: \S+ \+/- \S+ over 50 tasks$", re.M)
 
 
 def step_of(path: Path) -> int:
-    return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+    return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
 
 
 def fit(tmp_path: Path, *args: str, recipe: str = SINUSOID) -> Path:
@@ -164,7 +164,7 @@ def test_step_checkpoints_save_the_meta_updated_weights_without_a_warning(tmp_pa
             warnings.simplefilter("always")
             trainer.fit(learner, datamodule=SinusoidDataModule(meta_batch_size=2, num_val_tasks=2))
         said = [str(w.message) for w in caught if "pre-optimization state" in str(w.message)]
-        saved = torch.load(folder / "step=4.ckpt", weights_only=False)["state_dict"]
+        saved = torch.load(folder / "step=4.ckpt", weights_only=True)["state_dict"]
         assert all(torch.equal(saved[k], v) for k, v in learner.state_dict().items())
         return said, folder
 

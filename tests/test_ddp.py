@@ -127,7 +127,7 @@ def test_checkpoint_taken_under_ddp_resumes_on_one_and_two_processes(tmp_path):
     fit(algorithm, tmp_path / "ddp", devices=2, max_steps=6, callbacks=[checkpoint])
     middle = tmp_path / "ckpt" / "epoch=0-step=3.ckpt"
     # Written by rank 0 beside their names and renamed, while rank 1 waits: whole, none left over.
-    last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 6
     assert not list((tmp_path / "ckpt").glob("*.partial"))
     fit(algorithm, tmp_path / "two", devices=2, max_steps=6, ckpt_path=middle)

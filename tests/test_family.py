@@ -449,7 +449,7 @@ def test_learned_step_sizes_train_and_resume_exactly(make, tmp_path):
     uninterrupted = fit(make(), 6, callbacks=[checkpoint])
     rates = {n: p.detach() for n, p in uninterrupted.inner_update.named_parameters()}
     assert rates and all(not torch.allclose(v, torch.full_like(v, 0.05)) for v in rates.values())
-    saved = torch.load(tmp_path / "epoch=0-step=3.ckpt", weights_only=False)["state_dict"]
+    saved = torch.load(tmp_path / "epoch=0-step=3.ckpt", weights_only=True)["state_dict"]
     assert any(k.startswith("inner_update.lr.") for k in saved)
     resumed = fit(make(), 6, ckpt_path=tmp_path / "epoch=0-step=3.ckpt")
     for (name, a), b in zip(

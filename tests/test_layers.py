@@ -19,6 +19,7 @@ RANK = {
     "tasks": 0,
     "checks": 0,
     "compat": 0,
+    "checkpoint_io": 0,
     "functional": 1,
     "metrics": 1,
     "models": 1,

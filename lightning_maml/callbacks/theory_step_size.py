@@ -92,7 +92,11 @@ class TheoryStepSize(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self._c = self.c if self.c is not None else theory_constants(cast("MetaLearner", pl_module).algorithm).step_size
+        self._c = (
+            self.c
+            if self.c is not None
+            else theory_constants(cast("MetaLearner", pl_module).algorithm).step_size
+        )
         datamodule = getattr(trainer, "datamodule", None)
         self._seed = self.seed if self.seed is not None else getattr(datamodule, "seed", 0)
         if self.rho > 0:

@@ -36,9 +36,6 @@ import torch
 from lightning.pytorch import Trainer
 from torch import nn
 
-
-
-
 from lightning_maml import variants
 from lightning_maml.algorithms import MetaAlgorithm
 from lightning_maml.callbacks import StationarityMonitor, TheoryStepSize

@@ -18,9 +18,8 @@ import json
 import warnings
 from pathlib import Path
 
-import torch
-
 from lightning_maml import variants
+from lightning_maml.checkpoint_io import load_checkpoint
 from lightning_maml.tasks import TaskBatch
 from lightning_maml.theory.estimate import ConstantEstimates, estimate_constants
 from lightning_maml.theory.plan import Unreachable, compute_plan, explain_refusal, format_plan
@@ -108,6 +107,12 @@ def estimate_main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=count(0), default=0, help="seed of the random directions")
     parser.add_argument("--output", default="estimate.json", help="JSON file to write")
     args, rest = parser.parse_known_args(argv)
+    checkpoint = None
+    if args.ckpt_path:
+        try:  # before the recipe is built: a wrong path fails at once
+            checkpoint = load_checkpoint(args.ckpt_path)
+        except (FileNotFoundError, ValueError) as err:
+            parser.error(str(err))
 
     # Imported here: the CLI pulls in Lightning's argument machinery, which `plan` never needs.
     from lightning_maml.cli import MetaCLI
@@ -119,8 +124,11 @@ def estimate_main(argv: list[str]) -> int:
         # No logger: nothing is trained, and W&B would otherwise start a run.
         cli = MetaCLI(args=[*cli_args, *rest, "--trainer.logger=false"], run=False)
     learner = cli.model
-    if args.ckpt_path:
-        checkpoint = torch.load(args.ckpt_path, map_location="cpu", weights_only=True)
+    if checkpoint is not None:
+        try:  # names a checkpoint of another model, as test --ckpt_path does
+            learner.on_load_checkpoint(checkpoint)
+        except ValueError as err:
+            parser.error(str(err))
         learner.load_state_dict(checkpoint["state_dict"])
     tasks = _collect_tasks(cli.datamodule, args.split, args.tasks)
     estimates = estimate_constants(
