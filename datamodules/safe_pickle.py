@@ -18,7 +18,7 @@ import numpy as np
 try:  # NumPy 2 keeps them in numpy._core; pickles written by NumPy 1 name numpy.core
     from numpy._core import multiarray, numeric
 except ImportError:  # pragma: no cover - NumPy 1
-    from numpy.core import multiarray, numeric
+    from numpy.core import multiarray, numeric  # type: ignore[no-redef]
 
 __all__ = ["UnsafePickleError", "load_data_pickle"]
 
@@ -32,7 +32,7 @@ _ALLOWED: dict[tuple[str, str], Any] = {
         for name in ("_reconstruct", "scalar")
     },
     **{
-        (module, "_frombuffer"): numeric._frombuffer
+        (module, "_frombuffer"): numeric._frombuffer  # type: ignore[attr-defined]  # private, unstubbed
         for module in ("numpy.core.numeric", "numpy._core.numeric")
     },
     ("numpy", "ndarray"): np.ndarray,

@@ -110,7 +110,7 @@ class MetaCLI(LightningCLI):
         # Locked before the Trainer starts: Lightning's CSVLogger empties its directory's
         # metrics.csv during set-up, before any callback could refuse the run.
         lock = RunDirectoryLock()
-        self.trainer.callbacks.append(lock)
+        self.trainer.callbacks.append(lock)  # type: ignore[attr-defined]  # set by Trainer.__init__
         lock.acquire(self.trainer)
         try:
             super()._run_subcommand(subcommand)

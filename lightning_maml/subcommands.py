@@ -61,12 +61,14 @@ def add_tools_to_help(parser: ArgumentParser, names: Iterable[str]) -> None:
     sees the command line.
     """
     subcommands = parser._subcommands_action
+    if subcommands is None:  # LightningCLI adds the sub-commands before it calls this
+        return
     for entry in subcommands._choices_actions:
         entry.help = TRAINER_DESCRIPTIONS.get(entry.dest, entry.help)
     for name in names:
         description = TOOL_DESCRIPTIONS[name]
-        entry = ArgumentParser(description=f"{description} Run `lightning-maml {name} --help`.")
-        subcommands.add_subcommand(name, entry, help=description)
+        tool = ArgumentParser(description=f"{description} Run `lightning-maml {name} --help`.")
+        subcommands.add_subcommand(name, tool, help=description)
 
 
 def command_line_problem(args: Sequence[str]) -> str | None:
@@ -95,7 +97,7 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     mark = getattr(err, "problem_mark", None)
     if mark is None:
         return str(err)
-    text = f"line {mark.line + 1}, column {mark.column + 1}: {err.problem}"
+    text = f"line {mark.line + 1}, column {mark.column + 1}: {getattr(err, 'problem', err)}"
     context, start = getattr(err, "context", None), getattr(err, "context_mark", None)
     if context and start is not None:
         text += f" ({context} at line {start.line + 1}, column {start.column + 1})"

@@ -28,6 +28,7 @@ import fnmatch
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -133,7 +134,7 @@ class Variant:
     title: str
     algorithm: type[MetaAlgorithm]
     inner_update: type[InnerUpdate] | None = None
-    inner_update_args: Mapping[str, object] = field(default_factory=dict)
+    inner_update_args: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
     theory: VariantConstants | None = None
     color: str = "tab:gray"
@@ -180,7 +181,7 @@ class Variant:
             return None
         return self.inner_update(**self.inner_update_args)
 
-    def build(self, inner_lr: float, **options: object) -> MetaAlgorithm:
+    def build(self, inner_lr: float, **options: Any) -> MetaAlgorithm:
         """The variant's algorithm with a fresh inner update; ``options`` go to its class."""
         update = self.new_inner_update()
         if update is not None and "inner_update" not in options:
@@ -293,8 +294,8 @@ def theory_constants(algorithm: MetaAlgorithm) -> VariantConstants:
     update = getattr(algorithm, "inner_update", None)
     plain = type(update) is InnerUpdate and update.hparams() == InnerUpdate().hparams()
     if variant is None or variant.theory is None or not plain:
-        covered = [v.algorithm.__name__ for v in variants(theory=True)]
-        covered = " and ".join([", ".join(covered[:-1]), covered[-1]] if covered[1:] else covered)
+        titles = [v.algorithm.__name__ for v in variants(theory=True)]
+        covered = " and ".join([", ".join(titles[:-1]), titles[-1]] if titles[1:] else titles)
         raise ValueError(
             f"The theory covers {covered} with one fixed inner step size on every parameter, "
             f"not {algorithm!r}: pass the step-size constant c explicitly."

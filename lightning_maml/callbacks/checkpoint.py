@@ -210,7 +210,8 @@ class ModelCheckpoint(LightningModelCheckpoint):
     def _stop_message(self, trainer: pl.Trainer, signum: int) -> str:
         name = signal.Signals(signum).name
         if trainer.state.fn != TrainerFn.FITTING:
-            return f"lightning-maml: stopped by {name} during {trainer.state.fn.value}: no result."
+            during = trainer.state.fn.value if trainer.state.fn is not None else "set-up"
+            return f"lightning-maml: stopped by {name} during {during}: no result."
         if self._stopped_at is None:
             return (
                 f"lightning-maml: stopped by {name} before training step "

@@ -57,8 +57,9 @@ class RunDirectoryLock(Callback):
         """The local run directories of the Trainer's file-based loggers."""
         found = []
         for logger in trainer.loggers:
-            local = isinstance(logger, (CSVLogger, TensorBoardLogger)) and logger.log_dir
-            if local and "://" not in str(logger.log_dir):
+            if not isinstance(logger, (CSVLogger, TensorBoardLogger)) or not logger.log_dir:
+                continue
+            if "://" not in str(logger.log_dir):
                 found.append(Path(logger.log_dir).resolve())
         return found
 
