@@ -11,7 +11,7 @@ registry, not the YAML, and run
     python recipes/generate.py           # rewrite the recipes
     python recipes/generate.py --check   # exit 1 if a recipe differs from what this writes
 
-(tests/test_recipes.py runs the check). The sinusoid and theory recipes are written by hand.
+(tests/recipes/test_recipes.py runs the check). The sinusoid and theory recipes are written by hand.
 """
 
 from __future__ import annotations

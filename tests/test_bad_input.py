@@ -17,12 +17,12 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from test_recipes import write_omniglot
 
 from lightning_maml import HFMAML, MAML, MetaLearner, TaskBatch
 from lightning_maml.cli import main
 from lightning_maml.datamodules import SinusoidDataModule
 from lightning_maml.models import MLP, ConvNet
+from tests.recipes.test_recipes import write_omniglot
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 SINUSOID = str(RECIPES / "sinusoid" / "maml.yaml")

@@ -24,9 +24,9 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_maml.datamodules import SinusoidDataModule
 from lightning_maml import MAML, MetaLearner
 from lightning_maml.callbacks import ModelCheckpoint
+from lightning_maml.datamodules import SinusoidDataModule
 from lightning_maml.models import MLP
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "sinusoid" / "maml.yaml"

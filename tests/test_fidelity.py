@@ -9,11 +9,11 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO
 from torch import nn
 from torch.autograd.functional import hvp
 
 from lightning_maml import MAML, TaskBatch
+from tests.conftest import REPO
 
 _spec = importlib.util.spec_from_file_location("fidelity", REPO / "benchmarks" / "fidelity.py")
 fidelity = importlib.util.module_from_spec(_spec)

@@ -18,16 +18,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import test_image_datamodules as image_data
 import torch
 
-from lightning_maml.datamodules.cifar import read_cifar100
-from lightning_maml.datamodules.miniimagenet import read_mini_imagenet
-from lightning_maml.datamodules.safe_pickle import load_data_pickle
+import tests.datamodules.test_image_datamodules as image_data
 from lightning_maml import MetaLearner
 from lightning_maml.checkpoint_io import check_checkpoint_file, fetch_checkpoint, read_checkpoint
 from lightning_maml.checks import check_checkpoint_file as check_from_checks
 from lightning_maml.cli import main
+from lightning_maml.datamodules.cifar import read_cifar100
+from lightning_maml.datamodules.miniimagenet import read_mini_imagenet
+from lightning_maml.datamodules.safe_pickle import load_data_pickle
 
 SINUSOID = str(Path(__file__).resolve().parents[1] / "recipes" / "sinusoid" / "maml.yaml")
 CSV = [
@@ -214,7 +214,7 @@ def test_load_from_checkpoint_of_a_remote_file_runs_no_code(evil_checkpoint, mar
 
 
 def test_real_checkpoints_load_with_weights_only(good_checkpoint):
-    # (tests/test_recipes.py tests every recipe's checkpoint through the same check.)
+    # (tests/recipes/test_recipes.py tests every recipe's checkpoint through the same check.)
     assert read_checkpoint(good_checkpoint)["global_step"] == 5
     learner = MetaLearner.load_from_checkpoint(good_checkpoint)
     assert learner.model[0].weight.shape == (40, 1)

@@ -10,8 +10,6 @@ import sys
 
 import pytest
 import yaml
-from conftest import REPO
-from test_recipes import data_roots, fit_and_test  # noqa: F401 (data_roots is a fixture)
 
 from lightning_maml import ANIL, BOIL, FOMAML, HFMAML, MAML, MAMLPlusPlus, MetaSGD, Reptile
 from lightning_maml.cli import main
@@ -27,6 +25,8 @@ from lightning_maml.variants import (
     unregister,
     variant_of,
 )
+from tests.conftest import REPO
+from tests.recipes.test_recipes import data_roots, fit_and_test  # noqa: F401 (data_roots is a fixture)
 
 
 def load(name: str, path: str):
@@ -143,7 +143,7 @@ def test_the_generator_writes_its_recipe_on_its_settings(toy):
     assert text.startswith("# Omniglot 5-way 1-shot classification with Toy-MAML (first order")
     config = yaml.safe_load(text)
     assert config["model"]["algorithm"] == {
-        "class_path": "test_variants.ToyMAML",
+        "class_path": f"{ToyMAML.__module__}.ToyMAML",
         "init_args": {"inner_lr": 0.4, "inner_steps": 1},
     }
     # Everything else is the benchmark's setting, as FO-MAML's recipe has it.

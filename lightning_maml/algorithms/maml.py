@@ -166,7 +166,7 @@ class MAML(MetaAlgorithm):
 
         # Per task, then vmapped by the base class. The other order, one grad of the vmapped
         # sum, gets BatchNorm's double backward wrong in torch.func (measured: conv biases
-        # before BatchNorm, whose true gradient is 0, got 1e-3; see tests/test_algorithms.py).
+        # before BatchNorm, whose true gradient is 0, got 1e-3; see tests/algorithms/test_algorithms.py).
         if not rates:
             grads, (_, stats) = gradient_and_value(
                 lambda p: objective(p, rates), params, has_aux=True

@@ -176,9 +176,9 @@ class ModelCheckpoint(LightningModelCheckpoint):
     def _save_on_signal(self, trainer: pl.Trainer) -> None:
         # The point of Lightning's step checkpoints (every_n_train_steps): the meta-step's
         # update is done, and a fit resumed from here continues exactly (tests/test_faults.py).
-        candidates = self._monitor_candidates(trainer)
+        candidates = compat.monitor_candidates(self, trainer)
         if self.save_last:
-            self._save_last_checkpoint(trainer, candidates)
+            compat.save_last_checkpoint(self, trainer, candidates)
             path = self.last_model_path
         else:
             path = self.format_checkpoint_name(candidates, self.CHECKPOINT_NAME_LAST)

@@ -60,7 +60,7 @@ from lightning_maml.datamodules.omniglot import OmniglotDataModule, read_omniglo
 from lightning_maml.learner import MetaLearner
 from lightning_maml.models import ConvNet
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 HTML = b"<!DOCTYPE html>\n<html><body>Quota exceeded: too many users have viewed this file.</body></html>\n"
 BLOB = np.random.default_rng(0).integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()
 

@@ -117,7 +117,7 @@ def _write(path, text: str):
 
 @pytest.mark.slow
 def test_the_readme_plot_commands_find_the_runs_where_the_recipes_write_them(tmp_path):
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     recipe = str(repo / "recipes" / "sinusoid" / "maml.yaml")
     short = [
         "--trainer.max_steps=2",

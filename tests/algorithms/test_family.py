@@ -316,7 +316,7 @@ def test_reptile_moves_towards_the_adapted_parameters():
 
 def readme_variant() -> type:
     """The example inner update of README.md ("Writing a variant"), run as it is written."""
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     block = text.split("### Writing a variant", 1)[1].split("```python", 1)[1].split("```", 1)[0]
     namespace: dict = {}
     exec(block, namespace)

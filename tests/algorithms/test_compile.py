@@ -112,7 +112,9 @@ def test_compiled_bf16_trainer_runs_and_stays_close_to_float32():
         mixed = HFMAML(0.01, compile=True).meta_gradient(model, mse_loss, tasks)
     flat = lambda grads: torch.cat([g.float().flatten() for g in grads.values()])  # noqa: E731
     error = (flat(mixed.grads) - flat(exact.grads)).norm() / flat(exact.grads).norm()
-    assert error < 0.05  # the same bound as the eager bf16 test (tests/test_precision.py)
+    assert (
+        error < 0.05
+    )  # the same bound as the eager bf16 test (tests/algorithms/test_precision.py)
     assert all(g.dtype == torch.float32 for g in mixed.grads.values())
 
 

@@ -15,15 +15,15 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import test_image_datamodules as image_data
 import torch
 import yaml
 from PIL import Image
 
+import tests.datamodules.test_image_datamodules as image_data
 from lightning_maml.cli import MetaCLI, main
 from lightning_maml.cli import test_summary as summarize
 
-ROOT = Path(__file__).resolve().parents[1] / "recipes"
+ROOT = Path(__file__).resolve().parents[2] / "recipes"
 RECIPES = sorted(ROOT.rglob("*.yaml"))
 SMALL = [
     "--trainer.max_steps=2",

@@ -10,7 +10,7 @@ from lightning_maml.callbacks import StationarityMonitor, TheoryStepSize
 from lightning_maml.cli import MetaCLI
 from lightning_maml.variants import get
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes" / "theory").glob("*.yaml"))
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes" / "theory").glob("*.yaml"))
 
 
 def test_the_three_variants_have_recipes():

@@ -15,7 +15,7 @@ SMALL = ["--tasks", "6", "--power_iterations", "5", "--directions", "1"]
 
 @pytest.fixture(autouse=True)
 def _repo_root(monkeypatch):
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
 
 
 def test_estimate_prints_a_table_and_writes_json(tmp_path, capsys):
