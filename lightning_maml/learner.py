@@ -3,45 +3,29 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from typing import Any, Literal, cast
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.optimizer import LightningOptimizer
-from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler
-from torchmetrics import MeanMetric, Metric, SumMetric
 
 from lightning_maml import compat
 from lightning_maml.algorithms.base import Evaluation, MetaAlgorithm, MetaStep
 from lightning_maml.checkpoint_settings import check_checkpoint
 from lightning_maml.checks import check_int
-from lightning_maml.functional import mse_loss
+from lightning_maml.eval_metrics import REDUCED_METRICS_ADVICE, EvaluationMetrics, warn_diverged
 from lightning_maml.hyperparameters import describe
-from lightning_maml.metrics import MeanWithCI, task_accuracy
+from lightning_maml.losses import LossArg, resolve_loss
+from lightning_maml.metrics import task_accuracy
 from lightning_maml.process_group import destroy_process_group_at_exit
-from lightning_maml.targets import check_batch
+from lightning_maml.targets import check_batch, check_hessian_shots
 from lightning_maml.tasks import TaskBatch
 
 __all__ = ["MetaLearner"]
-
-LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "mse": mse_loss,  # written out: F.mse_loss fails under forward-mode HVPs (torch 2.13)
-    "cross_entropy": nn.functional.cross_entropy,
-}
-
-
-#: Lightning's advice to log with ``sync_dist=True``, for the evaluation metrics: they are logged
-#: from torchmetrics states already reduced over the ranks (the same value on every rank), so a
-#: second reduction would add a collective per metric and change nothing.
-REDUCED_METRICS_ADVICE = (
-    r"It is recommended to use `self\.log\('(val|test)/(loss|accuracy|loss_ci95|accuracy_ci95|"
-    r"loss_before)', \.\.\., sync_dist=True\)`"
-)
 
 
 def default_meta_optimizer(params) -> torch.optim.Optimizer:
@@ -87,7 +71,7 @@ class MetaLearner(LightningModule):
         self,
         model: nn.Module,
         algorithm: MetaAlgorithm,
-        loss: str | Callable[[Tensor, Tensor], Tensor] = "mse",
+        loss: LossArg = "mse",
         meta_optimizer: OptimizerCallable = default_meta_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
         gradient_clip_val: float | None = None,
@@ -102,17 +86,7 @@ class MetaLearner(LightningModule):
                 "algorithm must be a MetaAlgorithm such as MAML(inner_lr=...), FOMAML(...) or "
                 f"HFMAML(...), got {type(algorithm).__name__}."
             )
-        if isinstance(loss, str):
-            if loss not in LOSSES:
-                raise ValueError(
-                    f"Unknown loss {loss!r}: use one of {sorted(LOSSES)} or pass a callable "
-                    "loss(prediction, target) -> scalar."
-                )
-            loss_fn = LOSSES[loss]
-        elif callable(loss):
-            loss_fn = loss
-        else:
-            raise ValueError(f"loss must be a name or a callable, got {type(loss).__name__}.")
+        loss_fn, loss_name = resolve_loss(loss)
         if gradient_clip_val is not None and not gradient_clip_val > 0:
             raise ValueError(f"gradient_clip_val must be > 0 or None, got {gradient_clip_val!r}.")
         if gradient_clip_algorithm not in ("norm", "value"):
@@ -135,27 +109,13 @@ class MetaLearner(LightningModule):
         self.inner_update = algorithm.inner_update
         self.loss_fn = loss_fn
         #: The loss by name ("mse", "cross_entropy"), or None for a callable.
-        self.loss_name = loss if isinstance(loss, str) else None
+        self.loss_name = loss_name
         self.meta_optimizer = meta_optimizer
         self.lr_scheduler = lr_scheduler
         self.gradient_clip_val = gradient_clip_val
         self.gradient_clip_algorithm = gradient_clip_algorithm
         self.eval_inner_steps = eval_inner_steps
-        self.eval_metrics = nn.ModuleDict(
-            {
-                f"{stage}_{name}": MeanWithCI()
-                for stage in ("val", "test")
-                for name in ("loss", "accuracy")
-            }
-        )
-        # The mean pre-adaptation loss, weighted by tasks. Not self.log(sync_dist=True): that
-        # averages the ranks' task counts in integer arithmetic, wrong whenever their total is
-        # not a multiple of the number of ranks.
-        for stage in ("val", "test"):
-            self.eval_metrics[f"{stage}_loss_before"] = MeanMetric()
-            # Tasks evaluated, and those whose adapted query loss is not finite, over all ranks.
-            self.eval_metrics[f"{stage}_tasks"] = SumMetric()
-            self.eval_metrics[f"{stage}_diverged"] = SumMetric()
+        self.eval_metrics = EvaluationMetrics()
         # The stages whose first batch was checked against the model and the loss.
         self._checked_stages: set[str] = set()
         #: The last training step's :class:`MetaStep` (statistics for callbacks).
@@ -190,21 +150,13 @@ class MetaLearner(LightningModule):
     def setup(self, stage: str) -> None:
         # In every process (ddp_spawn starts fresh ones); filterwarnings replaces its own copy.
         warnings.filterwarnings("ignore", REDUCED_METRICS_ADVICE, PossibleUserWarning)
-        # Under ddp_spawn the metric states reach every rank in one shared-memory block, which
-        # in-place updates would write for all ranks; reset gives each rank its own.
-        for key in self.eval_metrics:
-            self._metric(key).reset()
+        self.eval_metrics.reset()
         destroy_process_group_at_exit()
         # Fail before the first step on a model or datamodule the algorithm cannot use.
         self.algorithm.check_model(self.model)
-        datamodule = getattr(compat.attached_trainer(self), "datamodule", None)
-        hessian_shots = getattr(datamodule, "hparams", {}).get("hessian_shots")
-        if self.algorithm.needs_hessian_batch and hessian_shots == 0:
-            raise ValueError(
-                f"{type(self.algorithm).__name__}(hessian_batch='independent') needs a Hessian "
-                "set D_h per task, but the datamodule has hessian_shots=0: set hessian_shots > 0 "
-                "(e.g. data.init_args.hessian_shots=10) or use hessian_batch='inner'."
-            )
+        check_hessian_shots(
+            self.algorithm, getattr(compat.attached_trainer(self), "datamodule", None)
+        )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Compares the checkpoint's settings with this run's before its weights are loaded.
@@ -351,64 +303,19 @@ class MetaLearner(LightningModule):
             self._checked_stages.add(stage)
         result = self.evaluate(batch)
         self.last_evaluation = result
-        self._metric(f"{stage}_tasks").update(float(batch.num_tasks))
-        self._metric(f"{stage}_diverged").update(
-            (~torch.isfinite(result.task_losses)).sum().double()
-        )
-        self._metric(f"{stage}_loss").update(result.task_losses)
         accuracy = self._accuracy(result, batch)
-        if accuracy is not None:
-            self._metric(f"{stage}_accuracy").update(accuracy)
-        self._metric(f"{stage}_loss_before").update(result.loss_before, batch.num_tasks)
-
-    def _metric(self, key: str) -> Metric:
-        return cast(Metric, self.eval_metrics[key])
-
-    def _compute(self, key: str) -> Any:
-        """Computes and resets one evaluation metric.
-
-        Every rank computes (a collective under DDP), also one that had no batch to evaluate;
-        the reduced result, the same on every rank, decides what is logged.
-        """
-        metric = self._metric(key)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*was called before the ``update``")
-            value = metric.compute()
-        metric.reset()
-        return value
+        self.eval_metrics.add_batch(stage, result, batch.num_tasks, accuracy)
 
     def _eval_epoch_end(self, stage: str) -> None:
-        tasks = int(self._compute(f"{stage}_tasks"))
-        diverged = int(self._compute(f"{stage}_diverged"))
-        for name in ("loss", "accuracy"):
-            mean, ci95 = self._compute(f"{stage}_{name}")
-            # The loss of evaluated tasks is logged even when it is not finite: a monitored key
-            # must not vanish. Accuracy exists only for classification.
-            if (name == "loss" and tasks) or torch.isfinite(mean):
-                self.log(f"{stage}/{name}", mean.float(), prog_bar=True)
-                self.log(f"{stage}/{name}_ci95", ci95.float())
-        before = self._compute(f"{stage}_loss_before")
-        if tasks:
-            self.log(f"{stage}/loss_before", before.float())
+        shown, other, tasks, diverged = self.eval_metrics.compute(stage)
+        for key, value in shown.items():
+            self.log(key, value, prog_bar=True)
+        for key, value in other.items():
+            self.log(key, value)
         if diverged:
-            self._warn_diverged(stage, tasks, diverged)
-
-    def _warn_diverged(self, stage: str, tasks: int, diverged: int) -> None:
-        algorithm = self.algorithm
-        steps = self.eval_inner_steps or algorithm.inner_steps
-        longer = (
-            f" (training adapts {algorithm.inner_steps})" if steps != algorithm.inner_steps else ""
-        )
-        where = f"at global step {self.global_step}" if stage == "val" else "in testing"
-        rank_zero_warn(
-            f"{stage}/loss is not finite {where}: the adapted query loss diverged on {diverged} "
-            f"of {tasks} {stage} tasks, adapting {steps} steps with inner_lr "
-            f"{algorithm.inner_lr:g}{longer}. The likely cause is an inner step size too "
-            "large for that many steps. Lower model.algorithm.init_args.inner_lr or "
-            "model.eval_inner_steps to evaluate; training itself goes on"
-            + (" and its checkpoints are kept." if stage == "val" else "."),
-            category=UserWarning,
-        )
+            warn_diverged(
+                stage, tasks, diverged, self.algorithm, self.eval_inner_steps, self.global_step
+            )
 
     def validation_step(self, batch: TaskBatch, batch_idx: int) -> None:
         self._eval_step(batch, "val")

@@ -1,13 +1,15 @@
-"""Checks that a batch of tasks suits the model and the loss, before a stage's first step."""
+"""Checks that the data suits the model, the loss and the algorithm, before a stage's first step."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lightning_maml.tasks import TaskBatch
 
-__all__ = ["check_batch", "check_targets"]
+__all__ = ["check_batch", "check_hessian_shots", "check_targets"]
 
 
 def check_batch(model: nn.Module, loss: str | None, batch: TaskBatch) -> None:
@@ -79,3 +81,15 @@ def check_targets(loss: str | None, prediction: Tensor, targets: Tensor, split: 
                 f"per way (e.g. --model.model.init_args.ways {high + 1}), or the data as many "
                 f"ways as the model (--data.init_args.ways {classes})."
             )
+
+
+def check_hessian_shots(algorithm: Any, datamodule: Any) -> None:
+    """Raises ``ValueError`` when ``algorithm`` needs a Hessian set ``D_h`` per task and the
+    datamodule's ``hessian_shots`` is 0 (found in its ``hparams``; others are not checked)."""
+    hessian_shots = getattr(datamodule, "hparams", {}).get("hessian_shots")
+    if getattr(algorithm, "needs_hessian_batch", False) and hessian_shots == 0:
+        raise ValueError(
+            f"{type(algorithm).__name__}(hessian_batch='independent') needs a Hessian "
+            "set D_h per task, but the datamodule has hessian_shots=0: set hessian_shots > 0 "
+            "(e.g. data.init_args.hessian_shots=10) or use hessian_batch='inner'."
+        )

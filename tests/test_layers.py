@@ -25,11 +25,13 @@ RANK = {
     "models": 1,
     "process_group": 1,
     "targets": 1,
+    "losses": 1,
     "theory": 2,
     "inner": 2,
     "algorithms": 3,
     "hyperparameters": 3,
     "checkpoint_settings": 3,
+    "eval_metrics": 3,
     "variants": 3.5,  # the registry: it knows the algorithms, nothing below it knows it
     "learner": 4,
     "callbacks": 5,

@@ -15,7 +15,7 @@ from torch import nn
 
 from lightning_maml import FOMAML, HFMAML, MAML, TaskBatch
 from lightning_maml.functional import EXACT_HVPS, TaskModel, mse_loss
-from lightning_maml.learner import LOSSES
+from lightning_maml.losses import LOSSES
 from lightning_maml.models import ConvNet
 
 INNER_LR = {"mlp": 0.3, "conv": 0.4}
