@@ -63,4 +63,4 @@ class FOMAML(MetaAlgorithm):
         # Without Hessians the meta-gradient is v at every step back: alpha_j's gradient is
         # -grad f_in(w_j) (.) v.
         cotangents = [{n: -g[n] * outer[n] for n in g} for g in trajectory.grads]
-        return outer, self.rate_gradient(rates, cotangents if rates else None), stats
+        return outer, self.inner_update.rate_gradient(rates, self.inner_steps, cotangents), stats
