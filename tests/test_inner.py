@@ -177,3 +177,36 @@ def test_maml_plus_plus_updates_on_the_body_match_the_reference():
     model, tasks, loss_fn, expected_p, expected_r = reference("conv", inner, 2)
     step = EXACT_RULES["graph"](inner, 2, "inner").meta_gradient(model, loss_fn, tasks)
     assert_matches(step, expected_p, expected_r, rtol=1e-9)
+
+
+class PerTensor:
+    """A new step-size rule written outside the package: one learned step size per adapted
+    tensor, shared by every step."""
+
+    learned, per_step = True, False
+
+    def init(self, like, inner_lr, inner_steps):
+        return {n: p.new_tensor(inner_lr) for n, p in like.items()}
+
+    def __call__(self, rates, names, inner_lr, steps):
+        return [{n: rates[n] for n in names}] * steps
+
+    def summary(self, rates, names):
+        return {f"inner_lr/{n}": rates[n] for n in names}
+
+
+class PerTensorRate(InnerUpdate):
+    step_rule = PerTensor()
+
+
+@pytest.mark.parametrize("rule", ["graph", "recursion-reverse", "hfmaml-forward"])
+def test_a_new_step_size_rule_is_one_small_class(rule):
+    inner = shuffled_rates(PerTensorRate(adapt=["2"]), mlp(), 2)
+    assert {p.shape for p in inner.parameters()} == {torch.Size([])}
+    assert inner.has_rates and set(inner.summary()) == {"inner_lr/2.weight", "inner_lr/2.bias"}
+    model, tasks, loss_fn, expected_p, expected_r = reference("mlp", inner, 2)
+    step = EXACT_RULES[rule](inner, 2, "inner").meta_gradient(model, loss_fn, tasks)
+    assert_matches(step, expected_p, expected_r, rtol=1e-9)
+    first = reference("mlp", inner, 2, order="first")
+    step = FOMAML(0.3, 2, inner_update=inner).meta_gradient(model, loss_fn, tasks)
+    assert_matches(step, first[3], first[4], rtol=1e-10)

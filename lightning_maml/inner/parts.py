@@ -85,7 +85,7 @@ class Names:
         """The selected names, in the model's order; ``owner`` names the update in errors.
 
         Raises:
-            ValueError: If a pattern matches no parameter, or nothing is left to adapt.
+            ValueError: If a pattern matches no trainable parameter.
         """
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         patterns = {}
