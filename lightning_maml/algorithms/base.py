@@ -96,8 +96,11 @@ class MetaAlgorithm:
     """The shared part of MAML, FO-MAML and HF-MAML.
 
     A variant implements one piece, :meth:`task_meta_gradient` (one task's meta-gradient as a
-    pure function of the parameters); this class validates the inputs, splits the meta-batch
-    into chunks of ``task_chunk_size`` tasks, ``vmap`` s each chunk and averages the results.
+    pure function of the parameters), from the pieces here (:meth:`adapt`,
+    :meth:`outer_gradient`, :meth:`backward_pass`), and states in :meth:`supports` which parts
+    of an inner update it differentiates; this class validates the inputs, splits the
+    meta-batch into chunks of ``task_chunk_size`` tasks, ``vmap`` s each chunk and averages the
+    results.
 
     Args:
         inner_lr: The inner (adaptation) step size alpha; must be > 0.
