@@ -79,8 +79,7 @@ def gradient_and_value(
     """``torch.func.grad_and_value(fn, has_aux=has_aux)(params, *args)``, lighter when it can be.
 
     ``params`` is a parameter dictionary or a tuple of them (the model's parameters and the
-    inner update's learned tensors, say), of which any but one may be empty; the gradient has
-    its structure.
+    inner update's learned tensors, say, which may be none); the gradient has its structure.
 
     torch.func differentiates with ``create_graph=True``, so that an enclosing transform can
     differentiate the gradient again: every activation stays alive and the backward pass is
