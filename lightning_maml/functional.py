@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, jvp, vjp, vmap
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 __all__ = [
     "EXACT_HVPS",
@@ -37,6 +37,7 @@ __all__ = [
     "gradient_and_value",
     "map_tasks",
     "mse_loss",
+    "pullback",
     "reverse_hvp",
     "tree_norm",
 ]
@@ -74,9 +75,12 @@ def tree_norm(tree: Params) -> Tensor:
 
 
 def gradient_and_value(
-    fn: Callable, params: Params, *args: Tensor, has_aux: bool = False
-) -> tuple[Params, Any]:
+    fn: Callable, params: Params | tuple[Params, ...], *args: Tensor, has_aux: bool = False
+) -> tuple[Any, Any]:
     """``torch.func.grad_and_value(fn, has_aux=has_aux)(params, *args)``, lighter when it can be.
+
+    ``params`` is a parameter dictionary or a tuple of them (the model's parameters and the
+    inner update's learned tensors, say, which may be none); the gradient has its structure.
 
     torch.func differentiates with ``create_graph=True``, so that an enclosing transform can
     differentiate the gradient again: every activation stays alive and the backward pass is
@@ -88,20 +92,34 @@ def gradient_and_value(
     """
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return grad_and_value(fn, has_aux=has_aux)(params, *args)
-    nested = any(p.requires_grad for p in params.values())
+    leaves, spec = tree_flatten(params)
+    nested = any(p.requires_grad for p in leaves)
     with torch.enable_grad():
-        leaves = params if nested else {n: p.detach().requires_grad_() for n, p in params.items()}
-        out = fn(leaves, *args)
+        if not nested:
+            leaves = [p.detach().requires_grad_() for p in leaves]
+        out = fn(tree_unflatten(leaves, spec), *args)
         grads = torch.autograd.grad(
             out[0] if has_aux else out,
-            list(leaves.values()),
+            leaves,
             create_graph=nested,
             allow_unused=True,
             materialize_grads=True,
         )
     if not nested:
         out = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, out)
-    return dict(zip(leaves, grads, strict=True)), out
+    return tree_unflatten(list(grads), spec), out
+
+
+def pullback(fn: Callable[[Params], object], primals: Params, cotangents: object) -> Params:
+    """The vector-Jacobian product of ``fn`` at ``primals`` with ``cotangents``.
+
+    ``torch.func.vjp``, extended to an empty ``primals`` (nothing learned), whose gradient is
+    empty: the one place where the inner update's learned tensors may be none.
+    """
+    if not primals:
+        return {}
+    _, pull = vjp(fn, primals)  # type: ignore[misc]  # torch.func.vjp's return type ignores has_aux=False
+    return pull(cotangents)[0]
 
 
 def axpy(alpha: Tensor | float, x: Params, y: Params) -> Params:
@@ -317,8 +335,8 @@ def backward_recursion(
     points: Sequence[Params],
     step_sizes: Sequence[Mapping[str, Tensor | float]],
     hvp: HvpRule,
-    inner_grads: Sequence[Params] | None = None,
-) -> tuple[Params, list[Params] | None]:
+    inner_grads: Sequence[Params] = (),
+) -> tuple[Params, list[Params]]:
     """The derivative of k inner steps applied to ``v``, formed backwards one step at a time.
 
     The inner steps ``w_{j+1} = w_j - alpha_j (.) grad f_in(w_j)`` (``alpha_j`` zero on the
@@ -336,24 +354,25 @@ def backward_recursion(
         points: ``w_0 .. w_{k-1}``.
         step_sizes: ``alpha_0 .. alpha_{k-1}``, by adapted parameter.
         hvp: The Hessian-vector product rule, ``hvp(w_j, u) -> H_j u``.
-        inner_grads: The inner gradients ``grad f_in(w_j)``, to also return the gradient with
-            respect to each ``alpha_j``: ``-grad f_in(w_j) (.) g_{j+1}`` (before it is summed to
-            the step size's shape, see :meth:`~lightning_maml.inner.InnerUpdate.rate_gradient`).
+        inner_grads: The inner gradients ``grad f_in(w_j)`` (none, or one per step), to also
+            return the gradient with respect to each ``alpha_j``: ``-grad f_in(w_j) (.)
+            g_{j+1}`` (before it is summed to the step size's shape, see
+            :meth:`~lightning_maml.inner.InnerUpdate.rate_gradient`).
 
     Returns:
-        ``g_0``, and the step sizes' gradients in step order (``None`` without ``inner_grads``).
+        ``g_0``, and the step sizes' gradients in step order (one per inner gradient given).
     """
     cotangents: list[Params] = []
     for j in reversed(range(len(points))):
         alpha = step_sizes[j]
-        if inner_grads is not None:
+        if inner_grads:
             cotangents.append({n: -inner_grads[j][n] * vector[n] for n in alpha})
         direction = {
             n: alpha[n] * v if n in alpha else torch.zeros_like(v) for n, v in vector.items()
         }
         product = hvp(points[j], direction)
         vector = {n: v - product[n] for n, v in vector.items()}
-    return vector, (cotangents[::-1] if inner_grads is not None else None)
+    return vector, cotangents[::-1]
 
 
 def map_tasks(fn: Callable, params: Params, data: dict[str, Tensor]):

@@ -92,7 +92,7 @@ def test_two_ranks_match_one_process(algorithm, tmp_path):
     (tmp_path / "single").mkdir()
     # Learned step sizes belong to one learner: each run its own copy. The others run the one
     # object (the compiled one as ddp_spawn pickles it).
-    own = copy.deepcopy if algorithm.inner_update.learns_step_sizes else (lambda a: a)
+    own = copy.deepcopy if algorithm.inner_update.has_rates else (lambda a: a)
     fit(own(algorithm), tmp_path / "ddp", devices=2)
     fit(own(algorithm), tmp_path / "single", devices=1)
     rank0 = torch.load(tmp_path / "ddp" / "rank0.pt")
@@ -101,7 +101,7 @@ def test_two_ranks_match_one_process(algorithm, tmp_path):
     L.seed_everything(0)
     initial = {f"model.{n}": p for n, p in MLP(hidden=16).named_parameters()}
     assert set(rank0) == set(single)
-    if algorithm.inner_update.learns_step_sizes:
+    if algorithm.inner_update.has_rates:
         assert any(name.startswith("inner_update.lr.") for name in rank0)
     for name, value in rank0.items():
         torch.testing.assert_close(rank1[name], value, rtol=0, atol=0)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -12,19 +14,23 @@ from torch.utils._pytree import tree_map
 
 from lightning_maml.checks import check_int, check_positive
 from lightning_maml.functional import (
+    HvpRule,
     LossFn,
     Params,
     TaskModel,
     Trajectory,
+    backward_recursion,
     gradient_and_value,
     map_tasks,
 )
 from lightning_maml.inner import InnerUpdate
 from lightning_maml.tasks import TaskBatch
 
-__all__ = ["Evaluation", "MetaAlgorithm", "MetaStep"]
+__all__ = ["Evaluation", "MetaAlgorithm", "MetaStep", "Supports"]
 
 HessianBatch = Literal["inner", "independent"]
+#: ``query(w, step)``: the query loss and predictions of ``w`` as inner step ``step`` computes.
+Query = Callable[..., tuple[Tensor, Tensor]]
 ChunkSize = int | Literal["auto"] | None
 # Not the CUDA-graph modes ("reduce-overhead", "max-autotune"): a CUDA graph reuses its output
 # buffers on the next call, and _run keeps each chunk's outputs while the next chunk runs.
@@ -70,12 +76,31 @@ class MetaStep(Evaluation):
     update_grads: dict[str, Tensor] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Supports:
+    """What a meta-gradient differentiates besides the model's parameters.
+
+    Attributes:
+        rates: The inner update's learned tensors (its step sizes) get their meta-gradient.
+        per_step_view: It differentiates through a per-step view of the parameters (per-step
+            BatchNorm weights), which only differentiating through the inner loop does.
+        note: Why not, added to a refusal.
+    """
+
+    rates: bool = True
+    per_step_view: bool = False
+    note: str = ""
+
+
 class MetaAlgorithm:
     """The shared part of MAML, FO-MAML and HF-MAML.
 
     A variant implements one piece, :meth:`task_meta_gradient` (one task's meta-gradient as a
-    pure function of the parameters); this class validates the inputs, splits the meta-batch
-    into chunks of ``task_chunk_size`` tasks, ``vmap`` s each chunk and averages the results.
+    pure function of the parameters), from the pieces here (:meth:`adapt`,
+    :meth:`outer_gradient`, :meth:`backward_pass`), and states in :meth:`supports` which parts
+    of an inner update it differentiates; this class validates the inputs, splits the
+    meta-batch into chunks of ``task_chunk_size`` tasks, ``vmap`` s each chunk and averages the
+    results.
 
     Args:
         inner_lr: The inner (adaptation) step size alpha; must be > 0.
@@ -103,9 +128,6 @@ class MetaAlgorithm:
             ``"max-autotune"``) are refused: a graph reuses its output buffers on its next
             call, and the chunks' outputs are kept until all chunks have run.
     """
-
-    #: Whether the variant uses ``hessian_batch`` (FO-MAML has no Hessian term).
-    uses_hessian: bool = True
 
     def __init__(
         self,
@@ -157,18 +179,23 @@ class MetaAlgorithm:
         ``rates``) and statistics; ``data`` holds one task's tensors."""
         raise NotImplementedError
 
-    @property
-    def handles_params_at(self) -> bool:
-        """Whether the variant differentiates through an inner update whose ``params_at``
-        changes the parameters the model computes with (per-step BatchNorm weights)."""
-        return False
+    def supports(self) -> Supports:
+        """What this meta-gradient differentiates: the one place a variant states it."""
+        return Supports()
 
     def check_update(self, update: InnerUpdate) -> None:
-        """Raises ``ValueError`` if this variant cannot use ``update``."""
-        if update.changes_params and not self.handles_params_at:
+        """Raises ``ValueError`` if this variant cannot use ``update``, saying why."""
+        supports, name = self.supports(), type(self).__name__
+        if update.has_rates and not supports.rates:
             raise ValueError(
-                f"{type(self).__name__} cannot use {type(update).__name__} with per-step "
-                "BatchNorm weights (batch_norm=True): only a meta-gradient that differentiates "
+                f"{name} cannot learn step sizes ({type(update).__name__}){supports.note}. Use "
+                f"MAML, FOMAML or HFMAML with learned step sizes, or a fixed InnerUpdate with "
+                f"{name}."
+            )
+        if update.per_step_view is not None and not supports.per_step_view:
+            raise ValueError(
+                f"{name} cannot use {type(update).__name__} with "
+                f"{update.per_step_view.description}: only a meta-gradient that differentiates "
                 "through the inner loop does (MAML(backward='graph'), MAMLPlusPlus)."
             )
 
@@ -194,6 +221,47 @@ class MetaAlgorithm:
         """The inner update's step sizes for each of ``steps`` (default: ``inner_steps``) steps."""
         return self.inner_update.step_sizes(rates, self.inner_steps if steps is None else steps)
 
+    def adapt(
+        self,
+        task: TaskModel,
+        params: Params,
+        rates: Params,
+        data: dict[str, Tensor],
+        steps: int | None = None,
+        **options: Any,
+    ) -> tuple[Params, Trajectory, Query]:
+        """One task's inner loop on its support set, with the update's step sizes and view.
+
+        Args:
+            task: The model and loss.
+            params: The starting point ``w_0``.
+            rates: The inner update's learned tensors.
+            data: One task's tensors.
+            steps: The number of inner steps (default: ``inner_steps``).
+            **options: For :meth:`~lightning_maml.functional.TaskModel.adapt`.
+
+        Returns:
+            The adapted parameters, the trajectory, and ``query(w, step=k - 1)``: the query
+            loss and predictions of ``w`` as inner step ``step`` computes with it (through the
+            update's per-step view), so that the adapted parameters are scored as the last step
+            computes.
+        """
+        steps = self.inner_steps if steps is None else steps
+        params_at = functools.partial(self.inner_update.params_at, rates)
+        adapted, trajectory = task.adapt(
+            params,
+            data["support_x"],
+            data["support_y"],
+            self.step_sizes(rates, steps),
+            params_at=params_at,
+            **options,
+        )
+
+        def query(w: Params, step: int = steps - 1) -> tuple[Tensor, Tensor]:
+            return task.loss_and_prediction(params_at(step, w), data["query_x"], data["query_y"])
+
+        return adapted, trajectory, query
+
     def outer_gradient(
         self,
         task: TaskModel,
@@ -205,31 +273,37 @@ class MetaAlgorithm:
         """One task's inner loop without a second-order graph, and the outer gradient after it.
 
         Returns ``v = grad f_o(w_k, D_o)`` at the adapted point, the inner trajectory (with the
-        points ``w_0 .. w_{k-1}`` when ``keep_points``, and the inner gradients when the step
-        sizes are learned) and the task's statistics.
+        points ``w_0 .. w_{k-1}`` when ``keep_points``, and the inner gradients when the update
+        has learned step sizes) and the task's statistics.
         """
-        adapted, trajectory = task.adapt(
+        adapted, trajectory, query = self.adapt(
+            task,
             params,
-            data["support_x"],
-            data["support_y"],
-            self.step_sizes(rates),
+            rates,
+            data,
             keep_points=keep_points,
-            keep_grads=bool(rates),
+            keep_grads=self.inner_update.has_rates,
         )
-        outer, (loss, prediction) = gradient_and_value(
-            task.loss_and_prediction, adapted, data["query_x"], data["query_y"], has_aux=True
-        )
+        outer, (loss, prediction) = gradient_and_value(query, adapted, has_aux=True)
         stats = query_stats(
             task, params, trajectory, loss, prediction, data, self.track_loss_before
         )
         return outer, trajectory, stats
 
-    def rate_gradient(self, rates: Params, cotangents: list[Params] | None) -> Params:
-        """The learned step sizes' meta-gradient from each step's (see
-        :meth:`~lightning_maml.inner.InnerUpdate.rate_gradient`); empty without learned ones."""
-        if not rates or cotangents is None:
-            return {}
-        return self.inner_update.rate_gradient(rates, self.inner_steps, cotangents)
+    def backward_pass(
+        self, task: TaskModel, params: Params, rates: Params, data: dict[str, Tensor], hvp: HvpRule
+    ) -> tuple[Params, Params, dict[str, Tensor]]:
+        """One task's meta-gradient by the backward recursion along its stored inner trajectory.
+
+        ``g_k = v`` (the outer gradient), ``g_j = g_{j+1} - hvp(w_j, alpha_j (.) g_{j+1})``
+        (:func:`~lightning_maml.functional.backward_recursion`); with an exact ``hvp`` this is
+        MAML's meta-gradient, with a finite difference HF-MAML's.
+        """
+        outer, trajectory, stats = self.outer_gradient(task, params, rates, data, keep_points=True)
+        grads, cotangents = backward_recursion(
+            outer, trajectory.points, self.step_sizes(rates), hvp, trajectory.grads
+        )
+        return grads, self.inner_update.rate_gradient(rates, self.inner_steps, cotangents), stats
 
     def hessian_set(self, data: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """The data the Hessian terms are taken on: ``D_h`` (independent) or ``D_in`` (inner)."""
@@ -239,10 +313,9 @@ class MetaAlgorithm:
     # -- the shared machinery --------------------------------------------------------------
 
     def hparams(self) -> dict[str, object]:
-        """The variant's name and hyper-parameters, for loggers and run configs."""
-        hparams = {k: v for k, v in vars(self).items() if not k.startswith("_")}
-        if not self.uses_hessian:
-            del hparams["hessian_batch"]
+        """The variant's name and constructor arguments, for loggers and run configs."""
+        arguments = inspect.signature(type(self)).parameters
+        hparams = {k: v for k, v in vars(self).items() if k in arguments}
         update = type(self.inner_update)
         hparams["inner_update"] = {
             "class_path": f"{update.__module__}.{update.__qualname__}",
@@ -270,7 +343,7 @@ class MetaAlgorithm:
     @property
     def needs_hessian_batch(self) -> bool:
         """Whether every task must carry a Hessian set ``D_h``."""
-        return self.uses_hessian and self.hessian_batch == "independent"
+        return self.hessian_batch == "independent"
 
     def check_model(self, model: nn.Module) -> None:
         """Raises ``ValueError`` for a model whose forward is not a pure function of its inputs."""
@@ -317,14 +390,9 @@ class MetaAlgorithm:
         Raises:
             ValueError: If this variant cannot use the inner update, or it cannot serve the model.
         """
-        self.check_update(self.inner_update)
         self.inner_update.bind(model, self.inner_lr, self.inner_steps)
-
-    def params_at(self, rates: Params) -> Callable[[int, Params], Params] | None:
-        """The inner update's ``params_at`` for ``rates`` (``None`` when it changes nothing)."""
-        if not self.inner_update.changes_params:
-            return None
-        return lambda step, params: self.inner_update.params_at(rates, step, params)
+        # After binding: a subclass's own learned tensors are known once they exist.
+        self.check_update(self.inner_update)
 
     def _run(
         self, model: nn.Module, loss_fn: LossFn, tasks: TaskBatch, name: str, *args: object
@@ -422,16 +490,10 @@ class MetaAlgorithm:
         inner_steps: int,
     ) -> tuple[None, dict[str, Tensor]]:
         """Per-task statistics of adapting to a chunk of tasks (no meta-gradient)."""
-        step_sizes = self.step_sizes(rates, inner_steps)
-        params_at = self.params_at(rates)
 
         def per_task(p: Params, d: dict[str, Tensor]) -> dict[str, Tensor]:
-            adapted, trajectory = task.adapt(
-                p, d["support_x"], d["support_y"], step_sizes, params_at=params_at
-            )
-            if params_at is not None:
-                adapted = params_at(inner_steps - 1, adapted)
-            loss, prediction = task.loss_and_prediction(adapted, d["query_x"], d["query_y"])
+            adapted, trajectory, query = self.adapt(task, p, rates, d, inner_steps)
+            loss, prediction = query(adapted)
             return query_stats(task, p, trajectory, loss, prediction, d, loss_before=True)
 
         return None, map_tasks(per_task, params, data)

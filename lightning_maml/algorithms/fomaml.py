@@ -34,8 +34,6 @@ class FOMAML(MetaAlgorithm):
         Model-Agnostic Meta-Learning Algorithms. AISTATS 2020 (Section 5, FO-MAML).
     """
 
-    uses_hessian = False
-
     def __init__(
         self,
         inner_lr: float,
@@ -62,4 +60,4 @@ class FOMAML(MetaAlgorithm):
         # Without Hessians the meta-gradient is v at every step back: alpha_j's gradient is
         # -grad f_in(w_j) (.) v.
         cotangents = [{n: -g[n] * outer[n] for n in g} for g in trajectory.grads]
-        return outer, self.rate_gradient(rates, cotangents if rates else None), stats
+        return outer, self.inner_update.rate_gradient(rates, self.inner_steps, cotangents), stats

@@ -12,7 +12,6 @@ from lightning_maml.functional import (
     EXACT_HVPS,
     Params,
     TaskModel,
-    backward_recursion,
     finite_difference_hvp,
     tree_norm,
 )
@@ -179,7 +178,6 @@ class HFMAML(MetaAlgorithm):
     def task_meta_gradient(
         self, task: TaskModel, params: Params, rates: Params, data: dict[str, Tensor]
     ) -> tuple[Params, Params, dict[str, Tensor]]:
-        outer, trajectory, stats = self.outer_gradient(task, params, rates, data, keep_points=True)
         x_h, y_h = self.hessian_set(data)
         deltas, norms = [], []
 
@@ -196,15 +194,9 @@ class HFMAML(MetaAlgorithm):
             norms.append(tree_norm(product) / self.inner_lr)
             return product
 
-        grads, cotangents = backward_recursion(
-            outer,
-            trajectory.points,
-            self.step_sizes(rates),
-            hvp,
-            trajectory.grads if rates else None,
-        )
+        grads, rate_grads, stats = self.backward_pass(task, params, rates, data, hvp)
         # The recursion runs j = k-1 .. 0; reported in inner-step order like the other statistics.
         if deltas:
             stats["hfmaml/delta"] = torch.stack(deltas[::-1])
         stats["hfmaml/hvp_norm"] = torch.stack(norms[::-1])
-        return grads, self.rate_gradient(rates, cotangents), stats
+        return grads, rate_grads, stats

@@ -6,22 +6,16 @@ import functools
 from typing import Literal
 
 from torch import Tensor
-from torch.func import grad_and_value
 
 from lightning_maml.algorithms.base import (
     ChunkSize,
     CompileMode,
     HessianBatch,
     MetaAlgorithm,
+    Supports,
     query_stats,
 )
-from lightning_maml.functional import (
-    EXACT_HVPS,
-    Params,
-    TaskModel,
-    backward_recursion,
-    gradient_and_value,
-)
+from lightning_maml.functional import EXACT_HVPS, Params, TaskModel, gradient_and_value
 from lightning_maml.inner import InnerUpdate
 
 __all__ = ["MAML"]
@@ -121,58 +115,54 @@ class MAML(MetaAlgorithm):
         self.backward = backward
         self.hvp = hvp
 
-    @property
-    def handles_params_at(self) -> bool:
-        return self.backward == "graph"
+    def supports(self) -> Supports:
+        # Per-step views only by differentiating through the inner loop.
+        return Supports(per_step_view=self.backward == "graph")
 
     def task_meta_gradient(
-        self, task: TaskModel, params: Params, rates: Params, data: dict[str, Tensor]
+        self,
+        task: TaskModel,
+        params: Params,
+        rates: Params,
+        data: dict[str, Tensor],
+        weights: Tensor | None = None,
+        second_order: bool = True,
     ) -> tuple[Params, Params, dict[str, Tensor]]:
+        """One task's meta-gradient; by differentiating through the inner loop (``"graph"``),
+        the query loss's weight after each inner step may be given (``weights``, MAML++'s
+        multi-step loss; by default the last step's loss alone) and the inner gradients taken
+        as constants (``second_order=False``)."""
         if self.backward == "recursion":
-            outer, trajectory, stats = self.outer_gradient(
-                task, params, rates, data, keep_points=True
-            )
             x_h, y_h = self.hessian_set(data)
             hvp = functools.partial(EXACT_HVPS[self.hvp], task, x=x_h, y=y_h)
-            grads, cotangents = backward_recursion(
-                outer,
-                trajectory.points,
-                self.step_sizes(rates),
-                hvp,
-                trajectory.grads if rates else None,
-            )
-            return grads, self.rate_gradient(rates, cotangents), stats
-
-        hessian = (
-            (data["hessian_x"], data["hessian_y"]) if self.hessian_batch == "independent" else None
-        )
+            return self.backward_pass(task, params, rates, data, hvp)
+        hessian = self.hessian_set(data) if self.hessian_batch == "independent" else None
 
         def objective(p: Params, r: Params) -> tuple[Tensor, dict[str, Tensor]]:
-            params_at = self.params_at(r)
-            adapted, trajectory = task.adapt(
+            adapted, trajectory, query = self.adapt(
+                task,
                 p,
-                data["support_x"],
-                data["support_y"],
-                self.step_sizes(r),
-                hessian,
-                params_at=params_at,
+                r,
+                data,
+                hessian_data=hessian,
+                keep_points=weights is not None,
+                first_order=not second_order,
             )
-            if params_at is not None:
-                adapted = params_at(self.inner_steps - 1, adapted)
-            loss, prediction = task.loss_and_prediction(adapted, data["query_x"], data["query_y"])
-            return loss, query_stats(
-                task, p, trajectory, loss, prediction, data, self.track_loss_before
-            )
+            loss, prediction = query(adapted)
+            total = loss
+            if weights is not None:
+                # The points after steps 0 .. k-2 are the trajectory's w_1 .. w_{k-1}.
+                total = weights[-1].to(loss.dtype) * loss
+                for j, point in enumerate(trajectory.points[1:]):
+                    early, _ = query(point, j)
+                    total = total + weights[j].to(loss.dtype) * early
+            stats = query_stats(task, p, trajectory, loss, prediction, data, self.track_loss_before)
+            return total, stats
 
         # Per task, then vmapped by the base class. The other order, one grad of the vmapped
         # sum, gets BatchNorm's double backward wrong in torch.func (measured: conv biases
         # before BatchNorm, whose true gradient is 0, got 1e-3; see tests/algorithms/test_algorithms.py).
-        if not rates:
-            grads, (_, stats) = gradient_and_value(
-                lambda p: objective(p, rates), params, has_aux=True
-            )
-            return grads, {}, stats
-        (grads, rate_grads), (_, stats) = grad_and_value(objective, argnums=(0, 1), has_aux=True)(
-            params, rates
+        (grads, rate_grads), (_, stats) = gradient_and_value(
+            lambda both: objective(*both), (params, rates), has_aux=True
         )
         return grads, rate_grads, stats

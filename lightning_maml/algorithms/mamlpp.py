@@ -4,23 +4,16 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.func import grad_and_value
 
-from lightning_maml.algorithms.base import (
-    ChunkSize,
-    CompileMode,
-    HessianBatch,
-    MetaAlgorithm,
-    query_stats,
-)
+from lightning_maml.algorithms.base import ChunkSize, CompileMode, HessianBatch
+from lightning_maml.algorithms.maml import MAML
 from lightning_maml.checks import check_int
-from lightning_maml.functional import Params, TaskModel
 from lightning_maml.inner import InnerUpdate, PerStepRates
 
 __all__ = ["MAMLPlusPlus"]
 
 
-class MAMLPlusPlus(MetaAlgorithm):
+class MAMLPlusPlus(MAML):
     """MAML++: MAML made stable and fast to train by five changes of Antoniou et al.
 
     Update rule: ``w <- w - beta grad sum_j m_j(t) f_o(phi_{j+1}, D_o)``, differentiated with
@@ -41,7 +34,9 @@ class MAMLPlusPlus(MetaAlgorithm):
       (``lr_scheduler``), as in the recipes.
 
     MAML++'s per-step running statistics (BNRS) have no counterpart: the models here normalize
-    with each batch's statistics (``track_running_stats=False``).
+    with each batch's statistics (``track_running_stats=False``). It is :class:`~lightning_maml.MAML`
+    (``backward="graph"``) with the multi-step loss weights and the derivative order chosen at
+    each meta-step: one objective serves both.
 
     Args:
         inner_lr: The starting value of the learned step sizes.
@@ -62,8 +57,6 @@ class MAMLPlusPlus(MetaAlgorithm):
         A. Antoniou, H. Edwards, A. Storkey. How to Train Your MAML. ICLR 2019.
     """
 
-    handles_params_at = True
-
     def __init__(
         self,
         inner_lr: float,
@@ -77,6 +70,8 @@ class MAMLPlusPlus(MetaAlgorithm):
         compile: bool | CompileMode = False,
         inner_update: InnerUpdate | None = None,
     ) -> None:
+        if inner_update is None:
+            inner_update = PerStepRates(batch_norm=True)
         super().__init__(
             inner_lr,
             inner_steps,
@@ -84,7 +79,7 @@ class MAMLPlusPlus(MetaAlgorithm):
             task_chunk_size,
             track_loss_before,
             compile,
-            inner_update if inner_update is not None else PerStepRates(batch_norm=True),
+            inner_update=inner_update,
         )
         self.multi_step_loss_steps = check_int("multi_step_loss_steps", multi_step_loss_steps, 0)
         self.first_order_steps = check_int("first_order_steps", first_order_steps, 0)
@@ -105,48 +100,3 @@ class MAMLPlusPlus(MetaAlgorithm):
     def step_args(self, step: int | None) -> tuple:
         second_order = step is not None and step >= self.first_order_steps
         return self.step_weights(step), second_order
-
-    def task_meta_gradient(
-        self,
-        task: TaskModel,
-        params: Params,
-        rates: Params,
-        data: dict[str, Tensor],
-        weights: Tensor | None = None,
-        second_order: bool = True,
-    ) -> tuple[Params, Params, dict[str, Tensor]]:
-        hessian = self.hessian_set(data) if self.hessian_batch == "independent" else None
-        k = self.inner_steps
-
-        def objective(p: Params, r: Params) -> tuple[Tensor, dict[str, Tensor]]:
-            params_at = self.params_at(r) or (lambda step, q: q)
-            adapted, trajectory = task.adapt(
-                p,
-                data["support_x"],
-                data["support_y"],
-                self.step_sizes(r),
-                hessian,
-                keep_points=weights is not None,
-                params_at=params_at,
-                first_order=not second_order,
-            )
-            loss, prediction = task.loss_and_prediction(
-                params_at(k - 1, adapted), data["query_x"], data["query_y"]
-            )
-            total = loss
-            if weights is not None:
-                # The points after steps 0 .. k-2 are the trajectory's w_1 .. w_{k-1}.
-                total = weights[-1].to(loss.dtype) * loss
-                for j, point in enumerate(trajectory.points[1:]):
-                    early = task.loss(params_at(j, point), data["query_x"], data["query_y"])
-                    total = total + weights[j].to(loss.dtype) * early
-            stats = query_stats(task, p, trajectory, loss, prediction, data, self.track_loss_before)
-            return total, stats
-
-        if not rates:
-            grads, (_, stats) = grad_and_value(objective, has_aux=True)(params, rates)
-            return grads, {}, stats
-        (grads, rate_grads), (_, stats) = grad_and_value(objective, argnums=(0, 1), has_aux=True)(
-            params, rates
-        )
-        return grads, rate_grads, stats

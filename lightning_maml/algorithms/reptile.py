@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from lightning_maml.algorithms.base import ChunkSize, CompileMode, MetaAlgorithm, query_stats
+from lightning_maml.algorithms.base import (
+    ChunkSize,
+    CompileMode,
+    MetaAlgorithm,
+    Supports,
+    query_stats,
+)
 from lightning_maml.functional import Params, TaskModel
 from lightning_maml.inner import InnerUpdate
 
@@ -37,8 +43,6 @@ class Reptile(MetaAlgorithm):
         arXiv:1803.02999, 2018.
     """
 
-    uses_hessian = False
-
     def __init__(
         self,
         inner_lr: float,
@@ -58,21 +62,17 @@ class Reptile(MetaAlgorithm):
             inner_update,
         )
 
-    def check_update(self, update: InnerUpdate) -> None:
-        if update.learns_step_sizes:
-            raise ValueError(
-                f"Reptile cannot learn step sizes ({type(update).__name__}): its meta-gradient "
-                "w - W is not the gradient of a loss, so it gives them none. Use MAML, FOMAML "
-                "or HFMAML with learned step sizes, or a fixed InnerUpdate with Reptile."
-            )
+    def supports(self) -> Supports:
+        return Supports(
+            rates=False,
+            note=": its meta-gradient w - W is not the gradient of a loss, so it gives them none",
+        )
 
     def task_meta_gradient(
         self, task: TaskModel, params: Params, rates: Params, data: dict[str, Tensor]
     ) -> tuple[Params, Params, dict[str, Tensor]]:
-        adapted, trajectory = task.adapt(
-            params, data["support_x"], data["support_y"], self.step_sizes(rates)
-        )
-        loss, prediction = task.loss_and_prediction(adapted, data["query_x"], data["query_y"])
+        adapted, trajectory, query = self.adapt(task, params, rates, data)
+        loss, prediction = query(adapted)
         stats = query_stats(
             task, params, trajectory, loss, prediction, data, self.track_loss_before
         )

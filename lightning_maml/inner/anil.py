@@ -4,24 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from torch import nn
-
 from lightning_maml.inner.base import InnerUpdate
+from lightning_maml.inner.parts import HEAD, head_of
 
 __all__ = ["ANIL", "BOIL", "head_of"]
-
-
-def head_of(model: nn.Module) -> str:
-    """The name of the model's last module that owns parameters (its classifier, say)."""
-    owners = [
-        n for n, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None
-    ]
-    if not owners or owners[-1] == "":
-        raise ValueError(
-            f"{type(model).__name__} has no submodule owning parameters to call its head: name "
-            "the head's parameters with head=[...]."
-        )
-    return owners[-1]
 
 
 class ANIL(InnerUpdate):
@@ -41,12 +27,8 @@ class ANIL(InnerUpdate):
     """
 
     def __init__(self, head: Sequence[str] | None = None) -> None:
-        super().__init__(adapt=head)
+        super().__init__(adapt=[HEAD] if head is None else head)
         self.head = None if head is None else list(head)
-
-    def chosen(self, model: nn.Module) -> list[str]:
-        self.adapt = self.head if self.head is not None else [head_of(model)]
-        return super().chosen(model)
 
     def hparams(self) -> dict[str, object]:
         return {"head": self.head}
@@ -67,12 +49,8 @@ class BOIL(InnerUpdate):
     """
 
     def __init__(self, head: Sequence[str] | None = None) -> None:
-        super().__init__(freeze=head or ())
+        super().__init__(freeze=[HEAD] if head is None else head)
         self.head = None if head is None else list(head)
-
-    def chosen(self, model: nn.Module) -> list[str]:
-        self.freeze = self.head if self.head is not None else [head_of(model)]
-        return super().chosen(model)
 
     def hparams(self) -> dict[str, object]:
         return {"head": self.head}

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-from typing import cast
-
-import torch
-from torch import Tensor, nn
-
-from lightning_maml.inner.base import InnerUpdate, Params, StepSizes, key
+from lightning_maml.inner.base import InnerUpdate
+from lightning_maml.inner.parts import PerElement
 
 __all__ = ["MetaSGD"]
 
@@ -29,21 +25,4 @@ class MetaSGD(InnerUpdate):
         Learning. arXiv:1707.09835, 2017.
     """
 
-    learns_step_sizes = True
-
-    def build(self, shapes: dict[str, torch.Size], model: nn.Module) -> None:
-        if not hasattr(self, "lr"):
-            like = dict(model.named_parameters())
-            self.lr = nn.ParameterDict(
-                {
-                    key(n): nn.Parameter(torch.full_like(like[n], cast(float, self.inner_lr)))
-                    for n in shapes
-                }
-            )
-
-    def step_sizes(self, rates: Params, steps: int) -> list[StepSizes]:
-        sizes: StepSizes = {n: rates[f"lr.{key(n)}"] for n in self.adapted}
-        return [sizes] * steps
-
-    def summary(self) -> dict[str, Tensor]:
-        return {f"inner_lr/{n}": self.lr[key(n)].detach().mean() for n in self.adapted}
+    step_rule = PerElement()
