@@ -207,12 +207,12 @@ class StationarityMonitor(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.eps is None:
+            return
         # The last step may fall between two estimates: measure it, so that the verdict speaks
         # of the weights the run ends with.
         if not self.history or self.history[-1][0] != trainer.global_step:
             self._record(trainer, pl_module)
-        if self.eps is None:
-            return
         self.verdict = verdict(
             self.eps, self.reached, self.best, self.best_step, self._planned, trainer.global_step
         )
