@@ -24,9 +24,10 @@ each eps; the factor is the iterations needed over the bound with factor 1,
 ``Delta (L + rho alpha (sigma + eps)) / eps^2`` (exact ``Delta = F(w_0) - min F``; ``rho = 0``
 here). Each variant's constant is the largest ratio over the eps values, so that a plan with it
 would have been long enough at every one; ``constant.json`` holds them for
-``lightning-maml plan --constant_from``. FO-MAML runs the same way at an inner_lr whose exact
-floor lies above the smallest eps, to show it stall there, and MAML with N inner steps
-(inner_lr scaled as 1/N, Ji et al. 2022) shows the effect of N.
+``lightning-maml plan --constant_from``. FO-MAML runs all the steps at an inner_lr whose exact
+floor lies above the smallest eps, to show where it settles (from ``w_0 = 0`` its path crosses
+MAML's optimum, so ``||grad F||`` dips below eps on the way: the first crossing is recorded too),
+and MAML with N inner steps (inner_lr scaled as 1/N, Ji et al. 2022) shows the effect of N.
 
     lightning-maml experiment --constant --output runs/constant
 This module sits on top of the package (it uses the ``datamodules`` package); nothing imports it.
@@ -593,16 +594,19 @@ def steps_to_eps(
     seed: int = 0,
     spread: float = 1.0,
     dim: int = 10,
+    run_on: bool = False,
 ) -> dict:
     """Runs one variant on the linear family until the exact ``||grad F||`` reaches every eps.
 
     From ``w_0 = 0`` with the theory's step ``c / L~`` (N inner steps: the N-step ``L~`` of
     :mod:`lightning_maml.theory.multistep`), B = ``tasks`` and D_in = D_o = D_h = ``shots``.
+    With ``run_on`` it runs all ``max_steps`` regardless, for the level it settles at.
 
     Returns:
         ``reached`` (eps -> the first step where ``||grad F|| <= eps``, or ``None``), ``best``
         and ``best_step``, ``beta``, ``Delta`` (exact ``F(w_0) - min F``), ``steps`` run,
-        ``seconds`` of wall time and ``start`` (``||grad F(w_0)||``).
+        ``seconds`` of wall time, ``start`` (``||grad F(w_0)||``) and ``final`` (the mean over
+        the last quarter of the steps).
     """
     family = LinearTaskFamily(dim=dim, spread=spread)
     stream = TrainTaskStream(LinearTasks(dim, spread, shots, shots, shots), tasks, seed)
@@ -618,18 +622,20 @@ def steps_to_eps(
     reached: dict[float, int | None] = dict.fromkeys(targets)
     value = family.grad_F_norm(w0, inner_lr, inner_steps)
     start, best, best_step, step = value, value, 0, 0
+    curve = [value]
     started = time.perf_counter()
     while True:
         for e in targets:
             if reached[e] is None and value <= e:
                 reached[e] = step
-        if reached[targets[-1]] is not None or step == max_steps:
+        if (reached[targets[-1]] is not None and not run_on) or step == max_steps:
             break
         grads = algorithm.meta_gradient(model, nn.functional.mse_loss, stream.batch(step)).grads
         with torch.no_grad():
             model.weight.sub_(beta * grads["weight"])
         step += 1
         value = family.grad_F_norm(model.weight.detach(), inner_lr, inner_steps)
+        curve.append(value)
         if value < best:
             best, best_step = value, step
     return {
@@ -644,6 +650,7 @@ def steps_to_eps(
         "L": family.L,
         "start": start,
         "steps": step,
+        "final": final_level(np.asarray(curve), max(1, len(curve) // 4)),
         "seconds": time.perf_counter() - started,
         "exact_fomaml_floor": family.fomaml_floor(inner_lr, inner_steps),
     }
@@ -660,6 +667,8 @@ CONSTANT_EPS = (1.0, 0.5, 0.25, 0.1)
 CONSTANT_INNER_LR = INNER_LRS[1]
 #: FO-MAML forced below its floor: the inner_lr whose exact floor (0.25) lies above eps 0.1.
 FORCED_INNER_LR = INNER_LRS[2]
+#: FO-MAML's forced run: enough steps to settle at its floor.
+FORCED_STEPS = 2000
 #: N of the multi-step rows, and N * inner_lr, held fixed (inner_lr of order 1/N).
 INNER_STEPS = (1, 2, 5, 10)
 MULTISTEP_TOTAL_LR = 0.1
@@ -745,6 +754,15 @@ def constant_table(result: dict) -> str:
         ratio = "-" if row["ratio"] is None else f"{row['ratio']:.3g}"
         lines.append(
             f"| {title(row['variant'])} | {row['eps']:g} | {row['bound_1']:.0f} | {row['reached']} | {ratio} |"
+        )
+    for variant, row in result["forced"].items():
+        lines.append("")
+        lines.append(
+            f"{title(variant)} forced at inner_lr {row['inner_lr']:g}, eps {row['eps']:g}: first "
+            f"at or below eps at step {row['reached']} (best {row['best']:.3g} at step "
+            f"{row['best_step']}), then settles at {row['final']:.3g} (mean of the last quarter of "
+            f"{row['steps']} steps; exact floor {row['exact_fomaml_floor']:.3g}, "
+            f"{row['final'] / row['eps']:.2g} times eps)"
         )
     lines.append("")
     lines.append("| N | inner_lr | beta | Delta | planned | reached | s / step |")
