@@ -697,11 +697,16 @@ def constant_part(eps: Sequence[float], max_steps: int, seed: int) -> dict:
         )
     forced = {}
     for variant in floored(theory_variants()):
-        run = steps_to_eps(variant, FORCED_INNER_LR, [min(eps)], max_steps=max_steps, seed=seed)
-        forced[variant] = {
-            k: run[k]
-            for k in ("inner_lr", "best", "best_step", "steps", "seconds", "exact_fomaml_floor")
-        }
+        run = steps_to_eps(
+            variant,
+            FORCED_INNER_LR,
+            [min(eps)],
+            max_steps=min(max_steps, FORCED_STEPS),
+            seed=seed,
+            run_on=True,
+        )
+        keys = ("inner_lr", "best", "best_step", "steps", "final", "seconds", "exact_fomaml_floor")
+        forced[variant] = {k: run[k] for k in keys}
         forced[variant]["eps"] = min(eps)
         forced[variant]["reached"] = run["reached"][min(eps)]
         print(
