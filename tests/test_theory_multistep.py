@@ -83,3 +83,46 @@ def test_plan_command_takes_inner_steps(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "inner_lr <= 1 / (N L), N = 10" in out  # 0.025: 0.02 is inside
     assert "inner_steps: 10" in (tmp_path / "p.yaml").read_text()
+
+
+@pytest.mark.parametrize("inner_lr, warns", [(0.02, False), (0.05, True)])
+def test_theory_step_size_with_n_inner_steps(tmp_path, inner_lr, warns):
+    import functools
+    import warnings
+
+    from lightning.pytorch import Trainer
+
+    from datamodules import LinearTasksDataModule
+    from lightning_maml import MAML, MetaLearner
+    from lightning_maml.callbacks import TheoryStepSize
+
+    module = MetaLearner(
+        torch.nn.Linear(10, 1, bias=False),
+        MAML(inner_lr, inner_steps=10, hessian_batch="independent"),
+        loss="mse",
+        meta_optimizer=functools.partial(torch.optim.SGD, lr=1.0),
+    )
+    step_size = TheoryStepSize(L=4.0, rho=0.0)
+    trainer = Trainer(
+        max_steps=1,
+        callbacks=[step_size],
+        logger=False,
+        limit_val_batches=0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        default_root_dir=tmp_path,
+    )
+    data = LinearTasksDataModule(shots=5, query_shots=5, hessian_shots=5, meta_batch_size=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, datamodule=data)
+    messages = [str(w.message) for w in caught if "above the theorem's" in str(w.message)]
+    # 1 / (N L) = 1 / 40 = 0.025: 0.02 is inside, 0.05 outside.
+    assert bool(messages) is warns
+    if warns:
+        assert "inner_lr 0.05 is above the theorem's 1 / (inner_steps L) = 0.025" in messages[0]
+    assert step_size.L_tilde == pytest.approx(1.1**20 * 4)
+    assert step_size.beta == pytest.approx(1 / 12 / (1.1**20 * 4))
