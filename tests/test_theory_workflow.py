@@ -102,3 +102,14 @@ def test_iteration_constant_and_constant_from_exclude_each_other(tmp_path, capsy
     with pytest.raises(SystemExit):
         main(["plan", *SMALL, "--iteration_constant", "2", "--constant_from", "x.json"])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_the_monitor_gets_enough_tasks_to_resolve_eps(tmp_path):
+    from lightning_maml.tools.theory import monitor_tasks_for
+
+    assert monitor_tasks_for(10.0, 0.25) == 6400  # (2 * 10 / 0.25)^2
+    assert monitor_tasks_for(1.0, 8.0) == 200 and monitor_tasks_for(100.0, 0.01) == 20000
+    assert main(["plan", *SMALL, "--sigma", "10", "--eps", "1", "--variants", "maml",
+                 "--write_config", str(tmp_path / "p.yaml")]) == 0  # fmt: skip
+    config = yaml.safe_load((tmp_path / "p.yaml").read_text())
+    assert config["trainer"]["callbacks"][1]["init_args"]["tasks"] == 400  # (2 * 10 / 1)^2

@@ -264,9 +264,21 @@ def read_constant(path: str, variant: str) -> tuple[float, str]:
     return float(value), f"measured: {path}, {key}" + (f", {where}" if where else "")
 
 
-#: The StationarityMonitor's held-out tasks in a written plan: enough examples per task that
-#: the estimate's noise is small next to a target eps of order 0.1.
-MONITOR_SHOTS = 200
+#: Examples per held-out task of the StationarityMonitor in a written plan.
+MONITOR_SHOTS = 100
+#: The fewest and most held-out tasks the written plan gives the monitor by default.
+MONITOR_TASKS = (200, 20000)
+
+
+def monitor_tasks_for(sigma: float, eps: float) -> int:
+    """Held-out tasks for which the monitor's estimate can resolve eps.
+
+    The estimate averages per-task meta-gradients whose spread is of order sigma, so with n
+    tasks it reads about ``sqrt(||grad F||^2 + sigma^2 / n)``: n = ``(2 sigma / eps)^2`` keeps
+    that noise at eps / 2 (clipped to :data:`MONITOR_TASKS`).
+    """
+    low, high = MONITOR_TASKS
+    return int(min(high, max(low, math.ceil((2 * sigma / eps) ** 2))))
 
 
 def _class_path(cls: type) -> str:
@@ -285,7 +297,7 @@ def plan_config(
     dim: int = 10,
     spread: float = 1.0,
     monitor_every: int | None = None,
-    monitor_tasks: int = 200,
+    monitor_tasks: int | None = None,
     seed: int = 0,
 ) -> dict:
     """A LightningCLI config that runs ``plan`` on the linear task family.
@@ -297,7 +309,7 @@ def plan_config(
         spread: The family's task spread s.
         monitor_every: Steps between the monitor's estimates (default: the plan's iterations
             over 100, at least 1): the resolution of the reached step.
-        monitor_tasks: The monitor's held-out tasks.
+        monitor_tasks: The monitor's held-out tasks (default: :func:`monitor_tasks_for`).
         seed: The data seed.
     """
     entry = variants.get(variant)
@@ -330,7 +342,7 @@ def plan_config(
                     "class_path": "lightning_maml.callbacks.StationarityMonitor",
                     "init_args": {
                         "every_n_steps": every,
-                        "tasks": monitor_tasks,
+                        "tasks": monitor_tasks or monitor_tasks_for(plan.sigma, plan.eps),
                         "eps": plan.eps,
                         "stop": True,
                         "planned_steps": steps,
@@ -474,7 +486,10 @@ def plan_main(argv: list[str]) -> int:
         help="steps between StationarityMonitor estimates (default: iterations / 100)",
     )
     parser.add_argument(
-        "--monitor_tasks", type=count(2), default=200, help="StationarityMonitor's held-out tasks"
+        "--monitor_tasks",
+        type=count(2),
+        help="StationarityMonitor's held-out tasks (default: (2 sigma / eps)^2, 200 to 20000, "
+        "so that its estimate resolves eps)",
     )
     args = parser.parse_args(argv)
 
