@@ -749,6 +749,37 @@ def constant_part(eps: Sequence[float], max_steps: int, seed: int) -> dict:
     }
 
 
+def plot_constant(result: dict, path: Path) -> None:
+    """Part 3: iterations reached against eps, beside the bound with O(1) = 1 and the measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for variant, constant in result["per_variant"].items():
+        rows = [r for r in result["rows"] if r["variant"] == variant and r["reached"] is not None]
+        eps = np.array([r["eps"] for r in rows])
+        bound = np.array([r["bound_1"] for r in rows])
+        ax.plot(eps, [r["reached"] for r in rows], "o-", color=color(variant),
+                label=f"{title(variant)}: reached")  # fmt: skip
+        ax.plot(eps, constant * bound, "--", color=color(variant),
+                label=f"{title(variant)}: planned, O(1) = {constant:.3g}")  # fmt: skip
+    ax.plot(eps, bound, ":", color="black", label="bound with O(1) = 1 (Delta L / eps^2)")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="eps",
+        ylabel="iterations to ||grad F|| <= eps",
+    )
+    ax.set_title(result["measured_on"].split(", eps")[0], fontsize=9)
+    ax.invert_xaxis()
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def constant_table(result: dict) -> str:
     """Part 3 as markdown tables."""
     lines = [
@@ -851,7 +882,10 @@ def main(argv: list[str] | None = None) -> int:
         print(constant_table(result))
         path = output / "constant.json"
         path.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {path}: lightning-maml plan ... --constant_from {path}")
+        plot_constant(result, output / "constant.png")
+        print(
+            f"wrote {output / 'constant.png'} and {path}: lightning-maml plan --constant_from {path}"
+        )
         return 0
 
     print("part 1: linear tasks", flush=True)
