@@ -45,7 +45,8 @@ class StationarityMonitor(Callback):
     statement from the standard error; with ``stop=True`` training stops there (every rank
     computes the same estimate, so all ranks stop together under DDP). Each estimate then also
     logs ``theory/planned_steps`` (``planned_steps``, default the Trainer's ``max_steps``) and,
-    once reached, ``theory/reached_step``; at the end of fitting one line says the verdict::
+    once reached, ``theory/reached_step``. At the end of fitting the last step is estimated too
+    (when it falls between two estimates) and one line, printed on rank zero, says the verdict::
 
         StationarityMonitor: reached eps=0.5 at step 300 of the planned 400 ...
         StationarityMonitor: did not reach eps=0.1 in 400 steps: best ||grad F|| = 0.2 at step 400 (2 times eps) ...
