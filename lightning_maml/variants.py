@@ -171,6 +171,21 @@ class Variant:
             raise ValueError(f"Variant {self.name!r} has speed rows of the same label: {labels}.")
 
     @property
+    def constants(self) -> VariantConstants:
+        """:attr:`theory`, for a variant the theory covers.
+
+        Raises:
+            ValueError: If the theory does not cover this variant.
+        """
+        if self.theory is None:
+            covered = ", ".join(v.name for v in variants(theory=True))
+            raise ValueError(
+                f"Fallah et al. 2020's theory does not cover {self.title} ({self.name!r}); it "
+                f"covers {covered}."
+            )
+        return self.theory
+
+    @property
     def speed_rows(self) -> tuple[SpeedRow, ...]:
         """Its rows in ``benchmarks/speed.py``: :attr:`speed`, or one row named by the title."""
         return self.speed or (SpeedRow(self.title),)

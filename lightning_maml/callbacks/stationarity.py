@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
 from lightning_maml.algorithms import MAML
@@ -40,9 +40,19 @@ class StationarityMonitor(Callback):
 
     Logged through the Trainer's loggers at the global step, at the start and then every
     ``every_n_steps`` steps: ``theory/grad_F_norm``, its running minimum
-    ``theory/grad_F_norm_min`` and ``theory/grad_F_norm_stderr``. With ``eps`` set, training
-    stops once the estimate is at or below eps (every rank computes the same estimate, so all
-    ranks stop together under DDP).
+    ``theory/grad_F_norm_min`` and ``theory/grad_F_norm_stderr``.
+
+    With ``eps`` set, the monitor also answers the theorem's question, whether the run reached an
+    eps-stationary point within the planned iterations. The first estimate at or below eps fixes
+    the reached step (to the resolution of ``every_n_steps``), reported with a confidence
+    statement from the standard error; with ``stop=True`` training stops there (every rank
+    computes the same estimate, so all ranks stop together under DDP). Each estimate then also
+    logs ``theory/planned_steps`` (``planned_steps``, default the Trainer's ``max_steps``) and,
+    once reached, ``theory/reached_step``. At the end of fitting the last step is estimated too
+    (when it falls between two estimates) and one line, printed on rank zero, says the verdict::
+
+        StationarityMonitor: reached eps=0.5 at step 300 of the planned 400 ...
+        StationarityMonitor: did not reach eps=0.1 in 400 steps: best ||grad F|| = 0.2 at step 400 (2 times eps) ...
 
     Args:
         every_n_steps: Optimizer steps between estimates.
@@ -51,12 +61,19 @@ class StationarityMonitor(Callback):
             ``lightning_maml.datamodules.LinearTasks(shots=1000, query_shots=1000, hessian_shots=1000)`` (default:
             the datamodule's ``task_sampler(split)``).
         split: The split passed to the sampler; ``"train"`` because F is the training objective.
-        eps: Stop training once the estimate is ``<= eps`` (``None``: never).
+        eps: The target ``||grad F|| <= eps`` (``None``: no target, no verdict).
+        stop: With ``eps``, stop training at the first estimate ``<= eps``.
+        planned_steps: The iterations the plan gives for eps (default: the Trainer's
+            ``max_steps``), compared with the reached step.
         seed: The seed of the held-out tasks (default: the datamodule's ``seed``).
 
     Attributes:
         history: ``(step, estimate, standard error)`` of every estimate so far.
         best: The running minimum of the estimate.
+        best_step: The step of ``best``.
+        reached: ``(step, estimate, standard error)`` of the first estimate at or below eps, or
+            ``None``.
+        verdict: The verdict line, once fitting has ended with ``eps`` set.
     """
 
     def __init__(
@@ -66,6 +83,8 @@ class StationarityMonitor(Callback):
         sampler: Callable[[np.random.Generator, str], Any] | None = None,
         split: str = "train",
         eps: float | None = None,
+        stop: bool = True,
+        planned_steps: int | None = None,
         seed: int | None = None,
     ) -> None:
         check_int("every_n_steps", every_n_steps)
@@ -76,14 +95,24 @@ class StationarityMonitor(Callback):
             )
         if eps is not None and not eps > 0:
             raise ValueError(f"eps must be > 0 or None, got {eps!r}.")
+        if planned_steps is not None:
+            check_int("planned_steps", planned_steps)
+        if not isinstance(stop, bool):
+            raise ValueError(f"stop must be True or False, got {stop!r}.")
         self.every_n_steps = every_n_steps
         self.tasks = tasks
         self.sampler = sampler
         self.split = split
         self.eps = eps
+        self.stop = stop
+        self.planned_steps = planned_steps
         self.seed = seed
         self.history: list[tuple[int, float, float]] = []
         self.best = float("inf")
+        self.best_step: int | None = None
+        self.reached: tuple[int, float, float] | None = None
+        self.verdict: str | None = None
+        self._planned: int | None = planned_steps
         self._held_out: TaskBatch | None = None
 
     @override
@@ -103,6 +132,8 @@ class StationarityMonitor(Callback):
         seed = self.seed if self.seed is not None else getattr(datamodule, "seed", 0)
         keys = ([seed, STREAMS["stationarity"], j] for j in range(self.tasks))
         self._held_out = draw_tasks(cast(TaskSampler, sampler), self.split, keys)
+        if self.planned_steps is None and trainer.max_steps > 0:
+            self._planned = trainer.max_steps
 
     @property
     def held_out(self) -> TaskBatch:
@@ -137,23 +168,34 @@ class StationarityMonitor(Callback):
 
     def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = trainer.global_step
+        if self.history and self.history[-1][0] == step:
+            return  # already measured at this step (the start of a resumed run)
         value, stderr = self.measure(pl_module)
-        self.best = min(self.best, value)
+        if value < self.best:
+            self.best, self.best_step = value, step
         self.history.append((step, value, stderr))
         metrics = {
             "theory/grad_F_norm": value,
             "theory/grad_F_norm_min": self.best,
             "theory/grad_F_norm_stderr": stderr,
         }
+        if self.eps is not None:
+            if self.reached is None and value <= self.eps:
+                self.reached = (step, value, stderr)
+                _say(
+                    f"StationarityMonitor: ||grad F|| = {value:.4g} <= eps = {self.eps:g} at "
+                    f"step {step}; {confidence(value, stderr, self.eps)}"
+                    + ("; stopping." if self.stop else ".")
+                )
+            if self._planned is not None:
+                metrics["theory/planned_steps"] = float(self._planned)
+            if self.reached is not None:
+                metrics["theory/reached_step"] = float(self.reached[0])
         # Straight to the loggers: self.log would keep only steps that are multiples of
         # log_every_n_steps, and these estimates are sparse.
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
-        if self.eps is not None and value <= self.eps:
-            rank_zero_info(
-                f"StationarityMonitor: ||grad F|| = {value:.4g} <= eps = {self.eps:g} at step "
-                f"{step}; stopping."
-            )
+        if self.reached is not None and self.stop:
             trainer.should_stop = True
 
     @override
@@ -166,3 +208,91 @@ class StationarityMonitor(Callback):
     ) -> None:
         if trainer.global_step % self.every_n_steps == 0:
             self._record(trainer, pl_module)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.eps is None:
+            return
+        # The last step may fall between two estimates: measure it, so that the verdict speaks
+        # of the weights the run ends with.
+        if not self.history or self.history[-1][0] != trainer.global_step:
+            self._record(trainer, pl_module)
+        self.verdict = verdict(
+            self.eps, self.reached, self.best, self.best_step, self._planned, trainer.global_step
+        )
+        _say(f"StationarityMonitor: {self.verdict}")
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "history": list(self.history),
+            "best": self.best,
+            "best_step": self.best_step,
+            "reached": self.reached,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [tuple(h) for h in state_dict["history"]]
+        self.best = state_dict["best"]
+        self.best_step = state_dict["best_step"]
+        reached = state_dict["reached"]
+        self.reached = None if reached is None else tuple(reached)
+
+
+@rank_zero_only
+def _say(line: str) -> None:
+    # Printed, not logged: the verdict is the answer a user runs the monitor for, and Python's
+    # logging hides INFO unless configured.
+    print(line, flush=True)
+
+
+def confidence(value: float, stderr: float, eps: float) -> str:
+    """How sure an estimate ``value +- stderr`` is of lying at or below eps.
+
+    Two standard errors is about 95% one-sided confidence for a normal estimate.
+    """
+    if stderr <= 0:
+        return "the estimate has no spread between its halves"
+    margin = (eps - value) / stderr
+    if margin >= 2:
+        return (
+            f"{margin:.1f} standard errors ({stderr:.2g}) below eps: reached with ~95% confidence"
+        )
+    return (
+        f"only {margin:.1f} standard errors ({stderr:.2g}) below eps: within the estimate's "
+        "noise, more held-out tasks or examples would tell"
+    )
+
+
+def verdict(
+    eps: float,
+    reached: tuple[int, float, float] | None,
+    best: float,
+    best_step: int | None,
+    planned: int | None,
+    last_step: int,
+) -> str:
+    """The one-line verdict: whether, and when, a run reached ``||grad F|| <= eps``.
+
+    Args:
+        eps: The target.
+        reached: ``(step, estimate, standard error)`` of the first estimate at or below eps.
+        best: The smallest estimate.
+        best_step: Its step.
+        planned: The planned iterations (``None``: unknown).
+        last_step: The run's last step.
+    """
+    plan = f" of the planned {planned}" if planned is not None else ""
+    if reached is not None:
+        step, value, stderr = reached
+        over = "" if planned is None or step <= planned else " (past the plan)"
+        return (
+            f"reached eps={eps:g} at step {step}{plan}{over}: ||grad F|| = {value:.4g}, "
+            f"{confidence(value, stderr, eps)}"
+        )
+    of_plan = "" if planned is None or planned == last_step else f" (the plan: {planned})"
+    return (
+        f"did not reach eps={eps:g} in {last_step} steps{of_plan}: best ||grad F|| = {best:.4g} "
+        f"at step {best_step} ({best / eps:.3g} times eps)"
+    )

@@ -12,9 +12,11 @@ from typing_extensions import override
 
 from lightning_maml.checks import check_int
 from lightning_maml.tasks import STREAMS, TaskSampler, draw_tasks
+from lightning_maml.theory.constants import VariantConstants
 from lightning_maml.theory.estimate import pooled_examples
+from lightning_maml.theory.multistep import inner_lr_bound
 from lightning_maml.theory.step_size import task_gradient_norms, theory_step_size
-from lightning_maml.variants import theory_constants
+from lightning_maml.variants import theory_constants, variant_of
 
 if TYPE_CHECKING:
     from lightning_maml.learner import MetaLearner
@@ -35,6 +37,10 @@ class TheoryStepSize(Callback):
     ``meta_optimizer`` (any other optimizer gets a warning) and no ``lr_scheduler``. Every rank
     draws the same tasks, so under DDP all ranks take the same step. Logged each step:
     ``theory/beta`` and ``theory/L_tilde``.
+
+    With N inner steps (the learner's ``inner_steps``) the smoothness estimate is the N-step one
+    of :mod:`lightning_maml.theory.multistep` (Ji, Yang, Liang 2022; at N = 1 the one above), and
+    an inner_lr above ``inner_lr_factor / (N L)``, outside the theorem's range, gets a warning.
 
     Args:
         L: The smoothness constant of the task losses (``lightning-maml estimate`` gives one).
@@ -92,11 +98,24 @@ class TheoryStepSize(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self._c = (
-            self.c
-            if self.c is not None
-            else theory_constants(cast("MetaLearner", pl_module).algorithm).step_size
-        )
+        algorithm = cast("MetaLearner", pl_module).algorithm
+        constants: VariantConstants | None
+        if self.c is None:
+            constants = theory_constants(algorithm)
+            self._c = constants.step_size
+        else:  # a given c also serves algorithms the theory does not cover
+            self._c = self.c
+            variant = variant_of(algorithm)
+            constants = None if variant is None else variant.theory
+        if constants is not None and algorithm.inner_lr > (
+            bound := inner_lr_bound(constants.inner_lr_factor, self.L, algorithm.inner_steps)
+        ):
+            rank_zero_warn(
+                f"TheoryStepSize: inner_lr {algorithm.inner_lr:g} is above the theorem's "
+                f"{constants.inner_lr_factor:g} / (inner_steps L) = {bound:.4g} for "
+                f"inner_steps = {algorithm.inner_steps}; the step size is still set, but the "
+                "convergence guarantee does not apply."
+            )
         datamodule = getattr(trainer, "datamodule", None)
         self._seed = self.seed if self.seed is not None else getattr(datamodule, "seed", 0)
         if self.rho > 0:
@@ -137,7 +156,12 @@ class TheoryStepSize(Callback):
             x, y = pooled_examples(tasks.to(learner.device), self.shots)
             norms = task_gradient_norms(learner.model, learner.loss_fn, x, y)
         self.beta, self.L_tilde = theory_step_size(
-            self.L, self.rho, learner.algorithm.inner_lr, cast(float, self._c), norms
+            self.L,
+            self.rho,
+            learner.algorithm.inner_lr,
+            cast(float, self._c),
+            norms,
+            learner.algorithm.inner_steps,
         )
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:

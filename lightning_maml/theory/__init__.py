@@ -2,8 +2,10 @@
 
 A library of arithmetic on a variant's constants (:class:`VariantConstants`); which constants
 belong to which variant is the variant registry's (:mod:`lightning_maml.variants`). The
-callbacks that use them during training are in :mod:`lightning_maml.callbacks`; the
-command-line tools are ``lightning-maml estimate`` and ``lightning-maml plan``.
+conditions for N inner steps (after Ji, Yang, Liang 2022) are in
+:mod:`lightning_maml.theory.multistep`. The callbacks that use them during training are in
+:mod:`lightning_maml.callbacks`; the command-line tools are ``lightning-maml estimate`` and
+``lightning-maml plan``.
 """
 
 from lightning_maml.theory.constants import (
@@ -16,6 +18,11 @@ from lightning_maml.theory.constants import (
 )
 from lightning_maml.theory.estimate import ConstantEstimates, estimate_constants, pooled_examples
 from lightning_maml.theory.linear import LinearTaskFamily
+from lightning_maml.theory.multistep import (
+    curvature_factor,
+    hessian_chain_factor,
+    inner_lr_bound,
+)
 from lightning_maml.theory.plan import (
     Unreachable,
     VariantPlan,
@@ -42,10 +49,13 @@ __all__ = [
     "VariantConstants",
     "VariantPlan",
     "compute_plan",
+    "curvature_factor",
     "estimate_constants",
     "explain_plan",
     "explain_refusal",
     "format_plan",
+    "hessian_chain_factor",
+    "inner_lr_bound",
     "local_smoothness",
     "pooled_examples",
     "task_gradient_norms",

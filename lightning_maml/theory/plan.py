@@ -14,6 +14,10 @@ splits it equally between the three terms of S (a choice of this planner, not of
 rounds each batch size up. For FO-MAML the bias term alone sets a floor: an eps below it is
 refused, with the inner_lr that would reach it.
 
+With N inner steps (``inner_steps``) the inner_lr range, the step size and the iteration bound
+take the multi-step factors of :mod:`lightning_maml.theory.multistep` (after Ji, Yang, Liang
+2022; read its list of what was checked and what was not); N = 1 is the plan above exactly.
+
 :func:`compute_plan` does the arithmetic and returns the numbers (:class:`VariantPlan`);
 :func:`explain_plan`, :func:`format_plan` and :func:`explain_refusal` turn them into the text
 that ``lightning-maml plan`` prints. Both take a variant's constants
@@ -26,8 +30,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from lightning_maml.theory.constants import SharedConstants, VariantConstants
+from lightning_maml.theory.multistep import (
+    curvature_factor,
+    hessian_chain_factor,
+    inner_lr_bound,
+)
 
 __all__ = [
     "Line",
@@ -98,8 +108,8 @@ class VariantPlan:
 
     Attributes:
         constants, shared, L, rho, sigma, sigma_tilde, sigma_H, inner_lr, eps, Delta,
-            iteration_constant: The inputs, as :func:`compute_plan` takes them.
-        inner_lr_max: The largest inner_lr the theorem covers.
+            iteration_constant, inner_steps: The inputs, as :func:`compute_plan` takes them.
+        inner_lr_max: The largest inner_lr the theorem covers, ``inner_lr_factor / (N L)``.
         floor_sqrt: The square-root term of the bound with infinite batches.
         floor_linear: Its linear term with infinite batches.
         floor: The bound with infinite batches (0 except for FO-MAML).
@@ -116,7 +126,8 @@ class VariantPlan:
         delta_coefficient: HF-MAML's ``delta_i = delta_coefficient / ||v_i||`` (``inf`` when
             ``rho = 0``: the finite difference is then exact for any delta); ``None`` otherwise.
         step_size_constant: c of ``beta_k = c / L~(w_k)``.
-        max_step: ``c / (4 L)``, the step when ``rho alpha ||grad f_i||`` is negligible.
+        max_step: ``c / (4 L)`` (N steps: ``c / ((1 + 1/N)^(2N) L)``), the step when
+            ``rho alpha ||grad f_i||`` is negligible.
         iterations: The iteration bound, rounded up, with its O(1) factor ``iteration_constant``.
         rounded_S: S with the rounded batch sizes.
         guaranteed: The bound with the rounded batch sizes (at most eps).
@@ -133,6 +144,7 @@ class VariantPlan:
     eps: float
     Delta: float
     iteration_constant: float
+    inner_steps: int
     inner_lr_max: float
     floor_sqrt: float
     floor_linear: float
@@ -212,6 +224,7 @@ def compute_plan(
     Delta: float = 1.0,
     iteration_constant: float = 1.0,
     shared: SharedConstants | None = None,
+    inner_steps: int = 1,
 ) -> VariantPlan:
     """The batch sizes, step size and iteration bound of one variant for a target eps.
 
@@ -228,6 +241,7 @@ def compute_plan(
         Delta: ``F(w_0) - min F`` for the iteration bound (1: the bound per unit of Delta).
         iteration_constant: The theorem's unspecified O(1) factor in the iteration bound.
         shared: The shared constants (default: ``SharedConstants()``, Fallah et al. 2020).
+        inner_steps: N, the inner steps per task (:mod:`lightning_maml.theory.multistep`).
 
     Returns:
         The plan's numbers; :func:`explain_plan` says how each was obtained.
@@ -242,7 +256,11 @@ def compute_plan(
             f"get(name).theory), got {type(constants).__name__}."
         )
     # NaN passes every comparison: it would surface as "cannot convert float NaN to integer".
-    for name, value in {"L": L, "inner_lr": inner_lr, "eps": eps, "Delta": Delta}.items():
+    if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
+        raise ValueError(f"inner_steps must be an integer >= 1, got {inner_steps!r}.")
+    values = {"L": L, "inner_lr": inner_lr, "eps": eps, "Delta": Delta}
+    values["iteration_constant"] = iteration_constant
+    for name, value in values.items():
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
     spreads = {"rho": rho, "sigma": sigma, "sigma_tilde": sigma_tilde, "sigma_H": sigma_H}
@@ -299,7 +317,11 @@ def compute_plan(
     delta_coefficient = None
     if k.finite_difference:
         delta_coefficient = 1.0 / (shared.delta_denominator * rho * alpha) if rho > 0 else math.inf
-    raw_iterations = iteration_constant * Delta * (L + rho * alpha * (sigma + eps)) / eps**2
+    smoothness = curvature_factor(inner_steps) / 4 * L  # L itself at N = 1
+    chain = hessian_chain_factor(inner_steps)  # 1 at N = 1
+    raw_iterations = (
+        iteration_constant * Delta * (smoothness + chain * rho * alpha * (sigma + eps)) / eps**2
+    )
     inner_shots, query_shots = _ceil(raw_inner_shots), _ceil(raw_query_shots)
     rounded_S = (
         sigma**2 / task_batch
@@ -318,7 +340,8 @@ def compute_plan(
         eps=eps,
         Delta=Delta,
         iteration_constant=iteration_constant,
-        inner_lr_max=k.inner_lr_factor / L,
+        inner_steps=inner_steps,
+        inner_lr_max=inner_lr_bound(k.inner_lr_factor, L, inner_steps),
         floor_sqrt=floor_sqrt,
         floor_linear=floor_linear,
         floor=floor,
@@ -340,7 +363,7 @@ def compute_plan(
         step_shots=step_shots,
         delta_coefficient=delta_coefficient,
         step_size_constant=k.step_size,
-        max_step=k.step_size / (4 * L),
+        max_step=k.step_size / (curvature_factor(inner_steps) * L),
         raw_iterations=raw_iterations,
         iterations=_ceil(raw_iterations),
         rounded_S=rounded_S,
@@ -368,7 +391,12 @@ def explain_plan(plan: VariantPlan) -> list[Line]:
             f"{_g(alpha)} in (0, {_g(plan.inner_lr_max)}]"
             if inside
             else f"{_g(alpha)} > {_g(plan.inner_lr_max)}",
-            f"the theorem needs inner_lr <= {_g(k.inner_lr_factor)} / L"
+            (
+                f"the theorem needs inner_lr <= {_g(k.inner_lr_factor)} / L"
+                if plan.inner_steps == 1
+                else f"inner_lr <= {_g(k.inner_lr_factor)} / (N L), N = {plan.inner_steps} "
+                "(Ji et al. 2022's 1/N scaling; multistep module)"
+            )
             + ("" if inside else "; OUTSIDE the range: the bound below does not apply"),
         )
     ]
@@ -417,7 +445,7 @@ def explain_plan(plan: VariantPlan) -> list[Line]:
             Line(
                 "D_h",
                 str(plan.hessian_shots),
-                f"{_g(k.hessian_batch)} (alpha sigma_H)^2 = {_g(plan.raw_hessian_shots)} -> "
+                f"{_g(cast(float, k.hessian_batch))} (alpha sigma_H)^2 = {_g(cast(float, plan.raw_hessian_shots))} -> "
                 f"{plan.hessian_shots}",
             )
         )
@@ -450,14 +478,22 @@ def explain_plan(plan: VariantPlan) -> list[Line]:
         Line(
             "c",
             _g(k.step_size),
-            f"beta_k = c / L~(w_k) <= c / (4 L) = {_g(plan.max_step)}",
+            f"beta_k = c / L~(w_k) <= c / (4 L) = {_g(plan.max_step)}"
+            if plan.inner_steps == 1
+            else f"beta_k = c / L~(w_k) <= c / ((1 + 1/N)^(2N) L) = {_g(plan.max_step)}",
         )
     )
     lines.append(
         Line(
             "iterations",
             str(plan.iterations),
-            f"O(1) Delta (L + rho alpha (sigma + eps)) / eps^2 = {_g(plan.raw_iterations)} with "
+            (
+                "O(1) Delta (L + rho alpha (sigma + eps)) / eps^2"
+                if plan.inner_steps == 1
+                else "O(1) Delta ((1 + 1/N)^(2N) L / 4 + N (1 + 1/N)^(3N - 3) rho alpha "
+                "(sigma + eps)) / eps^2"
+            )
+            + f" = {_g(plan.raw_iterations)} with "
             f"O(1) = {_g(plan.iteration_constant)}, Delta = {_g(plan.Delta)}",
         )
     )

@@ -8,7 +8,9 @@ with ``L(w) = 4 L + 2 rho alpha E_i ||grad f_i(w)||``, so the step is set from a
     beta_k  = c / L~(w_k)
 
 with c per variant (``step_size`` of its :class:`~lightning_maml.theory.VariantConstants`;
-:func:`lightning_maml.variants.theory_constants` finds an algorithm's).
+:func:`lightning_maml.variants.theory_constants` finds an algorithm's). With N inner steps the 4
+becomes ``(1 + 1/N)^(2N)`` and the rho term grows by ``N (1 + 1/N)^(3(N - 1))``
+(:mod:`lightning_maml.theory.multistep`, after Ji, Yang, Liang 2022; both 1-step values at N = 1).
 """
 
 from __future__ import annotations
@@ -18,12 +20,18 @@ from torch import Tensor, nn
 from torch.func import grad
 
 from lightning_maml.functional import LossFn, Params, TaskModel, map_tasks, tree_norm
+from lightning_maml.theory.multistep import curvature_factor, hessian_chain_factor
 
 __all__ = ["local_smoothness", "task_gradient_norms", "theory_step_size"]
 
 
-def local_smoothness(L: float, rho: float, inner_lr: float, grad_norms: Tensor | None) -> float:
+def local_smoothness(
+    L: float, rho: float, inner_lr: float, grad_norms: Tensor | None, inner_steps: int = 1
+) -> float:
     """``L~(w) = 4 L + 2 rho alpha mean_j ||grad~f_j(w, D_beta^j)||``, F's local smoothness.
+
+    With N inner steps: ``(1 + 1/N)^(2N) L + N (1 + 1/N)^(3(N - 1)) 2 rho alpha mean_j ||...||``
+    (:mod:`lightning_maml.theory.multistep`).
 
     Args:
         L: The smoothness constant of each task loss.
@@ -31,16 +39,24 @@ def local_smoothness(L: float, rho: float, inner_lr: float, grad_norms: Tensor |
         inner_lr: The inner step size alpha.
         grad_norms: The gradient norms of the B' tasks of the estimate; may be ``None`` when
             ``rho == 0``, where they do not enter.
+        inner_steps: N, the inner steps per task.
     """
+    smooth = curvature_factor(inner_steps) * L
     if rho == 0:
-        return 4.0 * L
+        return smooth
     if grad_norms is None or grad_norms.numel() == 0:
         raise ValueError("rho > 0 needs the gradient norms of at least one task.")
-    return 4.0 * L + 2.0 * rho * inner_lr * grad_norms.double().mean().item()
+    chain = hessian_chain_factor(inner_steps)
+    return smooth + chain * 2.0 * rho * inner_lr * grad_norms.double().mean().item()
 
 
 def theory_step_size(
-    L: float, rho: float, inner_lr: float, c: float, grad_norms: Tensor | None
+    L: float,
+    rho: float,
+    inner_lr: float,
+    c: float,
+    grad_norms: Tensor | None,
+    inner_steps: int = 1,
 ) -> tuple[float, float]:
     """The step size ``beta_k = c / L~(w_k)`` and ``L~(w_k)`` (Fallah et al. 2020).
 
@@ -50,11 +66,12 @@ def theory_step_size(
         inner_lr: The inner step size alpha.
         c: The variant's constant (``VariantConstants.step_size``).
         grad_norms: See :func:`local_smoothness`.
+        inner_steps: N, the inner steps per task.
 
     Returns:
         ``(beta_k, L~(w_k))``.
     """
-    L_tilde = local_smoothness(L, rho, inner_lr, grad_norms)
+    L_tilde = local_smoothness(L, rho, inner_lr, grad_norms, inner_steps)
     return c / L_tilde, L_tilde
 
 

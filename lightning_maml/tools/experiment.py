@@ -17,6 +17,19 @@ and the error of its finite-difference meta-gradient against MAML's is measured.
     lightning-maml experiment --output runs/theory
 
 writes ``linear.png``, ``sinusoid.png``, ``results.json`` and a W&B run (offline without a key).
+
+Part 3 (``--constant``, run on its own): the O(1) factor of the iteration bound, measured. MAML
+and HF-MAML run on the linear family from ``w_0 = 0`` until the exact ``||grad F||`` first reaches
+each eps; the factor is the iterations needed over the bound with factor 1,
+``Delta (L + rho alpha (sigma + eps)) / eps^2`` (exact ``Delta = F(w_0) - min F``; ``rho = 0``
+here). Each variant's constant is the largest ratio over the eps values, so that a plan with it
+would have been long enough at every one; ``constant.json`` holds them for
+``lightning-maml plan --constant_from``. FO-MAML runs all the steps at an inner_lr whose exact
+floor lies above the smallest eps, to show where it settles (from ``w_0 = 0`` its path crosses
+MAML's optimum, so ``||grad F||`` dips below eps on the way: the first crossing is recorded too),
+and MAML with N inner steps (inner_lr scaled as 1/N, Ji et al. 2022) shows the effect of N.
+
+    lightning-maml experiment --constant --output runs/constant
 This module sits on top of the package (it uses the ``datamodules`` package); nothing imports it.
 """
 
@@ -30,6 +43,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,11 +62,12 @@ from lightning_maml.models import MLP
 from lightning_maml.tasks import TaskBatch
 from lightning_maml.theory.estimate import estimate_constants
 from lightning_maml.theory.linear import LinearTaskFamily
+from lightning_maml.theory.multistep import curvature_factor
 from lightning_maml.theory.plan import step_size_batches
 from lightning_maml.theory.step_size import theory_step_size
 from lightning_maml.tools.arguments import count
 
-__all__ = ["final_level", "linear_curves", "main"]
+__all__ = ["constant_part", "final_level", "linear_curves", "main", "steps_to_eps"]
 
 #: Inner step sizes of the linear sweep. The loss "mse" has no 1/2, so these equal inner_lr
 #: 0.025 / 0.05 / 0.1 on the loss 0.5 * mse (the same iterates, with every gradient doubled).
@@ -72,7 +87,7 @@ def theory_variants() -> list[str]:
 
 def floored(names: Sequence[str]) -> list[str]:
     """Those of ``names`` whose bound has a floor that no batch size removes (FO-MAML)."""
-    return [name for name in names if variants.get(name).theory.bias]
+    return [name for name in names if variants.get(name).constants.bias]
 
 
 def title(variant: str) -> str:
@@ -83,13 +98,13 @@ def color(variant: str) -> str:
     return variants.get(variant).color
 
 
-def make_algorithm(variant: str, inner_lr: float, **kwargs) -> MetaAlgorithm:
+def make_algorithm(variant: str, inner_lr: float, inner_steps: int = 1, **kwargs) -> MetaAlgorithm:
     """The paper's form of a variant: its Hessian terms, if it has any, on the independent
     batch D_h."""
     entry = variants.get(variant)
-    if entry.theory.hessian_batch is None:
-        return entry.build(inner_lr)
-    return entry.build(inner_lr, hessian_batch="independent", **kwargs)
+    if entry.constants.hessian_batch is None:
+        return entry.build(inner_lr, inner_steps=inner_steps)
+    return entry.build(inner_lr, inner_steps=inner_steps, hessian_batch="independent", **kwargs)
 
 
 def linear_curves(
@@ -126,7 +141,7 @@ def linear_curves(
     for variant, inner_lr in runs:
         model = nn.Linear(dim, 1, bias=False)
         nn.init.zeros_(model.weight)
-        c = variants.get(variant).theory.step_size
+        c = variants.get(variant).constants.step_size
         beta, _ = theory_step_size(family.L, family.rho, inner_lr, c, None)
         state.append(
             (
@@ -179,7 +194,7 @@ def linear_part(steps: int, tail: int, seed: int) -> dict:
                     "sigma": sigma,
                     "inner_lr_sigma": inner_lr * sigma,
                     "exact_fomaml_floor": family.fomaml_floor(inner_lr),
-                    "beta": variants.get(variant).theory.step_size / (4 * family.L),
+                    "beta": variants.get(variant).constants.step_size / (4 * family.L),
                 }
             )
 
@@ -300,7 +315,7 @@ def plot_linear(result: dict, path: Path) -> None:
 
 def _floored_records(records: list[dict]) -> list[dict]:
     """The records of the runs whose variant's bound has a floor (FO-MAML's)."""
-    names = set(floored({r["variant"] for r in records}))
+    names = set(floored(sorted({r["variant"] for r in records})))
     return [r for r in records if r["variant"] in names]
 
 
@@ -363,8 +378,10 @@ def sinusoid_part(
     histories, betas, fd_errors = {}, {}, {}
     for variant in theory_variants():
         # A finite-difference variant takes the theorem's delta = 1 / (6 rho alpha ||v||).
-        finite_difference = variants.get(variant).theory.finite_difference
-        extra = {"delta": "theory", "rho": estimates.rho} if finite_difference else {}
+        finite_difference = variants.get(variant).constants.finite_difference
+        extra: dict[str, Any] = (
+            {"delta": "theory", "rho": estimates.rho} if finite_difference else {}
+        )
         learner = MetaLearner(
             copy.deepcopy(model),
             make_algorithm(variant, inner_lr, **extra),
@@ -429,7 +446,7 @@ def _finite_difference_errors(
         .meta_gradient(learner.model, learner.loss_fn, tasks)
         .grads
     )
-    rules = {"theory": {"delta": "theory", "rho": rho}}
+    rules: dict[str, dict[str, Any]] = {"theory": {"delta": "theory", "rho": rho}}
     rules.update({f"delta_scale={c:g}": {"delta_scale": c} for c in (1e-1, 1e-2, 1e-3, 1e-4, 1e-5)})
     errors = {}
     for name, kwargs in rules.items():
@@ -440,7 +457,10 @@ def _finite_difference_errors(
         )
         errors[name] = (tree_norm(axpy(-1.0, exact, approx)) / tree_norm(exact)).item()
     for other in theory_variants():
-        if other not in (variant, REFERENCE) and variants.get(other).theory.hessian_batch is None:
+        if (
+            other not in (variant, REFERENCE)
+            and variants.get(other).constants.hessian_batch is None
+        ):
             grads = make_algorithm(other, inner_lr).meta_gradient(
                 learner.model, learner.loss_fn, tasks
             )
@@ -568,6 +588,235 @@ def summary(linear: dict, sinusoid: dict | None) -> str:
     return "\n".join(lines)
 
 
+def steps_to_eps(
+    variant: str,
+    inner_lr: float,
+    eps: Sequence[float],
+    *,
+    inner_steps: int = 1,
+    tasks: int = TASKS * SCALE,
+    shots: int = SHOTS * SCALE,
+    max_steps: int = 5000,
+    seed: int = 0,
+    spread: float = 1.0,
+    dim: int = 10,
+    run_on: bool = False,
+) -> dict:
+    """Runs one variant on the linear family until the exact ``||grad F||`` reaches every eps.
+
+    From ``w_0 = 0`` with the theory's step ``c / L~`` (N inner steps: the N-step ``L~`` of
+    :mod:`lightning_maml.theory.multistep`), B = ``tasks`` and D_in = D_o = D_h = ``shots``.
+    With ``run_on`` it runs all ``max_steps`` regardless, for the level it settles at.
+
+    Returns:
+        ``reached`` (eps -> the first step where ``||grad F|| <= eps``, or ``None``), ``best``
+        and ``best_step``, ``beta``, ``Delta`` (exact ``F(w_0) - min F``), ``steps`` run,
+        ``seconds`` of wall time, ``start`` (``||grad F(w_0)||``) and ``final`` (the mean over
+        the last quarter of the steps).
+    """
+    family = LinearTaskFamily(dim=dim, spread=spread)
+    stream = TrainTaskStream(LinearTasks(dim, spread, shots, shots, shots), tasks, seed)
+    model = nn.Linear(dim, 1, bias=False)
+    nn.init.zeros_(model.weight)
+    algorithm = make_algorithm(variant, inner_lr, inner_steps)
+    c = variants.get(variant).constants.step_size
+    beta, _ = theory_step_size(family.L, family.rho, inner_lr, c, None, inner_steps)
+    w0 = np.zeros(dim)
+    optimum = family.maml_optimum(inner_lr, inner_steps)
+    Delta = family.F(w0, inner_lr, inner_steps) - family.F(optimum, inner_lr, inner_steps)
+    targets = sorted(eps, reverse=True)
+    reached: dict[float, int | None] = dict.fromkeys(targets)
+    value = family.grad_F_norm(w0, inner_lr, inner_steps)
+    start, best, best_step, step = value, value, 0, 0
+    curve = [value]
+    started = time.perf_counter()
+    while True:
+        for e in targets:
+            if reached[e] is None and value <= e:
+                reached[e] = step
+        if (reached[targets[-1]] is not None and not run_on) or step == max_steps:
+            break
+        grads = algorithm.meta_gradient(model, nn.functional.mse_loss, stream.batch(step)).grads
+        with torch.no_grad():
+            model.weight.sub_(beta * grads["weight"])
+        step += 1
+        value = family.grad_F_norm(model.weight.detach(), inner_lr, inner_steps)
+        curve.append(value)
+        if value < best:
+            best, best_step = value, step
+    return {
+        "variant": variant,
+        "inner_lr": inner_lr,
+        "inner_steps": inner_steps,
+        "reached": reached,
+        "best": best,
+        "best_step": best_step,
+        "beta": beta,
+        "Delta": Delta,
+        "L": family.L,
+        "start": start,
+        "steps": step,
+        "final": final_level(np.asarray(curve), max(1, len(curve) // 4)),
+        "seconds": time.perf_counter() - started,
+        "exact_fomaml_floor": family.fomaml_floor(inner_lr, inner_steps),
+    }
+
+
+def bound_with_unit_constant(Delta: float, L: float, eps: float, inner_steps: int = 1) -> float:
+    """The iteration bound with O(1) = 1 on the linear family (``rho = 0``):
+    ``Delta L_N / eps^2`` with ``L_N = (1 + 1/N)^(2N) L / 4`` (L at N = 1)."""
+    return Delta * curvature_factor(inner_steps) / 4 * L / eps**2
+
+
+#: The eps values of the constant measurement, and its inner_lr.
+CONSTANT_EPS = (1.0, 0.5, 0.25, 0.1)
+CONSTANT_INNER_LR = INNER_LRS[1]
+#: FO-MAML forced below its floor: the inner_lr whose exact floor (0.25) lies above eps 0.1.
+FORCED_INNER_LR = INNER_LRS[2]
+#: FO-MAML's forced run: enough steps to settle at its floor.
+FORCED_STEPS = 2000
+#: N of the multi-step rows, and N * inner_lr, held fixed (inner_lr of order 1/N).
+INNER_STEPS = (1, 2, 5, 10)
+MULTISTEP_TOTAL_LR = 0.1
+
+
+def constant_part(eps: Sequence[float], max_steps: int, seed: int) -> dict:
+    """Part 3: the measured O(1) factor, FO-MAML forced below its floor, the effect of N."""
+    rows, constants = [], {}
+    for variant in [n for n in theory_variants() if n not in floored(theory_variants())]:
+        run = steps_to_eps(variant, CONSTANT_INNER_LR, eps, max_steps=max_steps, seed=seed)
+        ratios = []
+        for e in sorted(eps, reverse=True):
+            bound = bound_with_unit_constant(run["Delta"], run["L"], e)
+            needed = run["reached"][e]
+            ratio = None if needed is None else needed / bound
+            if ratio is not None:
+                ratios.append(ratio)
+            rows.append(
+                {"variant": variant, "eps": e, "bound_1": bound, "reached": needed, "ratio": ratio}
+            )
+        constants[variant] = max(ratios) if ratios else None
+        print(
+            f"  {title(variant)}: reached {run['reached']} in {run['seconds']:.1f} s "
+            f"(beta {run['beta']:.4g}, Delta {run['Delta']:.4g})",
+            flush=True,
+        )
+    forced = {}
+    for variant in floored(theory_variants()):
+        run = steps_to_eps(
+            variant,
+            FORCED_INNER_LR,
+            [min(eps)],
+            max_steps=min(max_steps, FORCED_STEPS),
+            seed=seed,
+            run_on=True,
+        )
+        keys = ("inner_lr", "best", "best_step", "steps", "final", "seconds", "exact_fomaml_floor")
+        forced[variant] = {k: run[k] for k in keys}
+        forced[variant]["eps"] = min(eps)
+        forced[variant]["reached"] = run["reached"][min(eps)]
+        print(
+            f"  {title(variant)} forced at inner_lr {FORCED_INNER_LR}: {forced[variant]}",
+            flush=True,
+        )
+    multistep = []
+    target = sorted(eps)[len(eps) // 2]
+    overall = max(c for c in constants.values() if c is not None)
+    for n in INNER_STEPS:
+        inner_lr = MULTISTEP_TOTAL_LR / n
+        run = steps_to_eps(
+            REFERENCE, inner_lr, [target], inner_steps=n, max_steps=max_steps, seed=seed
+        )
+        bound = bound_with_unit_constant(run["Delta"], run["L"], target, n)
+        multistep.append(
+            {
+                "inner_steps": n,
+                "inner_lr": inner_lr,
+                "eps": target,
+                "beta": run["beta"],
+                "Delta": run["Delta"],
+                "planned": int(np.ceil(overall * bound)),
+                "reached": run["reached"][target],
+                "seconds": run["seconds"],
+                "seconds_per_step": run["seconds"] / max(run["steps"], 1),
+            }
+        )
+        print(f"  MAML, N = {n}: {multistep[-1]}", flush=True)
+    return {
+        "iteration_constant": overall,
+        "per_variant": {k: v for k, v in constants.items() if v is not None},
+        "measured_on": (
+            f"linear family dim 10 spread 1, inner_lr {CONSTANT_INNER_LR}, B {TASKS * SCALE}, "
+            f"D {SHOTS * SCALE}, seed {seed}, eps {', '.join(f'{e:g}' for e in eps)}"
+        ),
+        "rows": rows,
+        "forced": forced,
+        "multistep": multistep,
+    }
+
+
+def plot_constant(result: dict, path: Path) -> None:
+    """Part 3: iterations reached against eps, beside the bound with O(1) = 1 and the measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for variant, constant in result["per_variant"].items():
+        rows = [r for r in result["rows"] if r["variant"] == variant and r["reached"] is not None]
+        eps = np.array([r["eps"] for r in rows])
+        bound = np.array([r["bound_1"] for r in rows])
+        ax.plot(eps, [r["reached"] for r in rows], "o-", color=color(variant),
+                label=f"{title(variant)}: reached")  # fmt: skip
+        ax.plot(eps, constant * bound, "--", color=color(variant),
+                label=f"{title(variant)}: planned, O(1) = {constant:.3g}")  # fmt: skip
+    ax.plot(eps, bound, ":", color="black", label="bound with O(1) = 1 (Delta L / eps^2)")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="eps",
+        ylabel="iterations to ||grad F|| <= eps",
+    )
+    ax.set_title(result["measured_on"].split(", eps")[0], fontsize=9)
+    ax.invert_xaxis()
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def constant_table(result: dict) -> str:
+    """Part 3 as markdown tables."""
+    lines = [
+        "| variant | eps | bound with O(1) = 1 | iterations reached | ratio |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for row in result["rows"]:
+        ratio = "-" if row["ratio"] is None else f"{row['ratio']:.3g}"
+        lines.append(
+            f"| {title(row['variant'])} | {row['eps']:g} | {row['bound_1']:.0f} | {row['reached']} | {ratio} |"
+        )
+    for variant, row in result["forced"].items():
+        lines.append("")
+        lines.append(
+            f"{title(variant)} forced at inner_lr {row['inner_lr']:g}, eps {row['eps']:g}: first "
+            f"at or below eps at step {row['reached']} (best {row['best']:.3g} at step "
+            f"{row['best_step']}), then settles at {row['final']:.3g} (mean of the last quarter of "
+            f"{row['steps']} steps; exact floor {row['exact_fomaml_floor']:.3g}, "
+            f"{row['final'] / row['eps']:.2g} times eps)"
+        )
+    lines.append("")
+    lines.append("| N | inner_lr | beta | Delta | planned | reached | s / step |")
+    lines.append("| --- | --- | --- | --- | --- | --- | --- |")
+    for row in result["multistep"]:
+        lines.append(
+            f"| {row['inner_steps']} | {row['inner_lr']:g} | {row['beta']:.4g} | {row['Delta']:.4g} | "
+            f"{row['planned']} | {row['reached']} | {row['seconds_per_step']:.4f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``lightning-maml experiment``."""
     parser = argparse.ArgumentParser(
@@ -598,6 +847,21 @@ def main(argv: list[str] | None = None) -> int:
         "--every", type=count(1), default=50, help="steps between StationarityMonitor estimates"
     )
     parser.add_argument("--seed", type=count(0), default=0)
+    parser.add_argument(
+        "--constant",
+        action="store_true",
+        help="run only part 3: the measured O(1) factor of the iteration bound (constant.json)",
+    )
+    parser.add_argument(
+        "--eps",
+        type=float,
+        nargs="+",
+        default=list(CONSTANT_EPS),
+        help="with --constant: the eps values, at least three",
+    )
+    parser.add_argument(
+        "--max_steps", type=count(1), default=5000, help="with --constant: the longest run"
+    )
     parser.add_argument("--no_wandb", action="store_true", help="skip the W&B run")
     parser.add_argument(
         "--threads",
@@ -616,6 +880,19 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
+    if args.constant:
+        if len(set(args.eps)) < 3 or min(args.eps) <= 0:
+            parser.error(f"--eps {args.eps}: give at least three distinct values > 0.")
+        print("part 3: the O(1) factor of the iteration bound", flush=True)
+        result = constant_part(args.eps, args.max_steps, args.seed)
+        print(constant_table(result))
+        path = output / "constant.json"
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        plot_constant(result, output / "constant.png")
+        print(
+            f"wrote {output / 'constant.png'} and {path}: lightning-maml plan --constant_from {path}"
+        )
+        return 0
 
     print("part 1: linear tasks", flush=True)
     linear = linear_part(args.steps, args.tail, args.seed)

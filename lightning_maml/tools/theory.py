@@ -3,29 +3,55 @@
     lightning-maml estimate --config RECIPE.yaml [--ckpt_path CKPT] [--tasks 100] [--output estimate.json]
     lightning-maml plan --from estimate.json --eps 0.1
     lightning-maml plan --L 4 --rho 0 --sigma 6.3 --sigma_tilde 20 --sigma_H 9 --inner_lr 0.025 --eps 0.5
+    lightning-maml plan --from estimate.json --eps 0.5 --variants maml --constant_from constant.json --write_config plan.yaml
+    lightning-maml fit --config plan.yaml
 
 ``estimate`` builds the recipe's model and datamodule through the same CLI as ``fit`` (so any
 ``--model...`` / ``--data...`` override works, e.g. more ``--data.init_args.query_shots`` for
 tighter per-task estimates), draws tasks from its loader and prints the constants of the
 assumptions at the model's weights. ``plan`` turns constants into batch sizes, step size and
-iteration bound for each variant.
+iteration bound for each variant, and with ``--write_config`` into a runnable recipe on the
+linear task family: the plan's batch sizes, ``TheoryStepSize`` with its c, its iterations as
+``trainer.max_steps`` and ``StationarityMonitor`` with its eps, whose verdict at the end of ``fit``
+says whether the run reached eps within the planned iterations.
+
+The iteration bound carries the theorem's unspecified O(1) factor. ``--iteration_constant X``
+gives it; ``--constant_from FILE`` reads the one ``lightning-maml experiment --constant`` measured
+(per variant where the file has one); without either it is 1, and the plan says so.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import warnings
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from lightning_maml import variants
 from lightning_maml.checkpoint_io import load_checkpoint
 from lightning_maml.tasks import TaskBatch
 from lightning_maml.theory.estimate import ConstantEstimates, estimate_constants
-from lightning_maml.theory.plan import Unreachable, compute_plan, explain_refusal, format_plan
+from lightning_maml.theory.plan import (
+    Unreachable,
+    VariantPlan,
+    compute_plan,
+    explain_refusal,
+    format_plan,
+)
 from lightning_maml.tools.arguments import count, finite
 
-__all__ = ["estimate_main", "format_estimates", "plan_main"]
+__all__ = [
+    "estimate_main",
+    "format_estimates",
+    "plan_config",
+    "plan_main",
+    "read_constant",
+    "write_plan_configs",
+]
 
 #: What each estimate measures, for the printed table.
 EXPLANATIONS = {
@@ -198,12 +224,206 @@ def _read_estimate(path: str) -> dict[str, float]:
         try:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise argparse.ArgumentTypeError(f"must be a number, got {value!r}")
-            values[name] = finite(low, strict)(value)
+            values[name] = finite(low, strict)(str(value))
         except argparse.ArgumentTypeError as err:
             raise ValueError(
                 f"--from {path}: {name} {err}; estimate again, or give --{name} to override it."
             ) from None
     return values
+
+
+def read_constant(path: str, variant: str) -> tuple[float, str]:
+    """The measured O(1) factor of the iteration bound for ``variant``, and where it came from.
+
+    The file is the JSON of ``lightning-maml experiment --constant``: ``iteration_constant``
+    (over all variants measured) and ``per_variant`` (name -> constant). A variant of its own is
+    used when the file has it, else the overall constant.
+
+    Raises:
+        ValueError: Naming the file, for one that cannot be read or holds no positive constant.
+    """
+    fix = "give the file `lightning-maml experiment --constant` wrote, or --iteration_constant X"
+    try:
+        record = json.loads(Path(path).read_text())
+    except OSError as err:
+        raise ValueError(
+            f"--constant_from {path}: cannot read it ({err.strerror}); {fix}."
+        ) from err
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"--constant_from {path}: not valid JSON at line {err.lineno} ({err.msg}); {fix}."
+        ) from err
+    per_variant = record.get("per_variant", {}) if isinstance(record, dict) else {}
+    key, value = (
+        (f"per_variant.{variant}", per_variant[variant])
+        if isinstance(per_variant, dict) and variant in per_variant
+        else (
+            "iteration_constant",
+            record.get("iteration_constant") if isinstance(record, dict) else None,
+        )
+    )
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not (math.isfinite(value) and value > 0)
+    ):
+        raise ValueError(
+            f"--constant_from {path}: {key} must be a number > 0, got {value!r}; {fix}."
+        )
+    where = record.get("measured_on", "")
+    return float(value), f"measured: {path}, {key}" + (f", {where}" if where else "")
+
+
+#: Examples per held-out task of the StationarityMonitor in a written plan.
+MONITOR_SHOTS = 100
+#: The fewest and most held-out tasks the written plan gives the monitor by default.
+MONITOR_TASKS = (200, 20000)
+
+
+def monitor_tasks_for(sigma: float, eps: float) -> int:
+    """Held-out tasks for which the monitor's estimate can resolve eps.
+
+    The estimate averages per-task meta-gradients whose spread is of order sigma, so with n
+    tasks it reads about ``sqrt(||grad F||^2 + sigma^2 / n)``: n = ``(2 sigma / eps)^2`` keeps
+    that noise at eps / 2 (clipped to :data:`MONITOR_TASKS`).
+    """
+    low, high = MONITOR_TASKS
+    return int(min(high, max(low, math.ceil((2 * sigma / eps) ** 2))))
+
+
+def _class_path(cls: type) -> str:
+    """``lightning_maml.MAML`` for the package's own exports, else the full module path."""
+    import lightning_maml
+
+    if getattr(lightning_maml, cls.__name__, None) is cls:
+        return f"lightning_maml.{cls.__name__}"
+    return f"{cls.__module__}.{cls.__name__}"
+
+
+def plan_config(
+    plan: VariantPlan,
+    variant: str,
+    *,
+    dim: int = 10,
+    spread: float = 1.0,
+    monitor_every: int | None = None,
+    monitor_tasks: int | None = None,
+    seed: int = 0,
+) -> dict:
+    """A LightningCLI config that runs ``plan`` on the linear task family.
+
+    Args:
+        plan: The variant's plan.
+        variant: The variant's registered name.
+        dim: The family's input dimension.
+        spread: The family's task spread s.
+        monitor_every: Steps between the monitor's estimates (default: the plan's iterations
+            over 100, at least 1): the resolution of the reached step.
+        monitor_tasks: The monitor's held-out tasks (default: :func:`monitor_tasks_for`).
+        seed: The data seed.
+    """
+    entry = variants.get(variant)
+    steps = plan.iterations
+    every = monitor_every or max(1, math.ceil(steps / 100))
+    algorithm_args: dict = {"inner_lr": plan.inner_lr, "inner_steps": plan.inner_steps}
+    if entry.constants.hessian_batch is not None:
+        algorithm_args["hessian_batch"] = "independent"  # the paper's estimator
+    step_size_args: dict = {"L": plan.L, "rho": plan.rho, "c": plan.step_size_constant}
+    if plan.rho > 0:
+        step_size_args.update(tasks=plan.step_tasks, shots=plan.step_shots)
+    return {
+        "seed_everything": seed,
+        "trainer": {
+            "max_steps": steps,
+            "limit_val_batches": 0,
+            "num_sanity_val_steps": 0,
+            "enable_checkpointing": False,
+            "log_every_n_steps": every,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": "runs", "name": f"plan-{variant}"},
+            },
+            "callbacks": [
+                {
+                    "class_path": "lightning_maml.callbacks.TheoryStepSize",
+                    "init_args": step_size_args,
+                },
+                {
+                    "class_path": "lightning_maml.callbacks.StationarityMonitor",
+                    "init_args": {
+                        "every_n_steps": every,
+                        "tasks": monitor_tasks or monitor_tasks_for(plan.sigma, plan.eps),
+                        "eps": plan.eps,
+                        "stop": True,
+                        "planned_steps": steps,
+                        "sampler": {
+                            "class_path": "datamodules.LinearTasks",
+                            "init_args": {
+                                "dim": dim,
+                                "spread": spread,
+                                "shots": MONITOR_SHOTS,
+                                "query_shots": MONITOR_SHOTS,
+                                "hessian_shots": MONITOR_SHOTS,
+                            },
+                        },
+                    },
+                },
+            ],
+        },
+        "model": {
+            "model": {
+                "class_path": "torch.nn.Linear",
+                "init_args": {"in_features": dim, "out_features": 1, "bias": False},
+            },
+            "algorithm": {"class_path": _class_path(entry.algorithm), "init_args": algorithm_args},
+            "loss": "mse",
+            "meta_optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": plan.max_step}},
+        },
+        "data": {
+            "class_path": "datamodules.LinearTasksDataModule",
+            "init_args": {
+                "dim": dim,
+                "spread": spread,
+                "shots": plan.inner_shots,
+                "query_shots": plan.query_shots,
+                "hessian_shots": plan.hessian_shots or 0,
+                "meta_batch_size": plan.task_batch,
+                "seed": seed,
+            },
+        },
+    }
+
+
+def config_paths(path: str, names: list[str]) -> dict[str, Path]:
+    """Where ``--write_config PATH`` writes each variant's config: PATH itself for one variant,
+    ``STEM-VARIANT.SUFFIX`` beside it for several (one variant per file)."""
+    target = Path(path)
+    if len(names) == 1:
+        return {names[0]: target}
+    return {n: target.with_name(f"{target.stem}-{n}{target.suffix or '.yaml'}") for n in names}
+
+
+def write_plan_configs(
+    plans: dict[str, VariantPlan], path: str, header: dict[str, list[str]], **options
+) -> list[Path]:
+    """Writes each variant's :func:`plan_config` (see :func:`config_paths`) under its ``header``
+    lines; returns the files."""
+    written = []
+    for name, target in config_paths(path, list(plans)).items():
+        plan = plans[name]
+        lines = [
+            f"# {variants.get(name).title} on linear-regression tasks, as `lightning-maml plan` planned it",
+            *[f"# {line}" for line in header[name]],
+            f"# iterations {plan.iterations} = trainer.max_steps; the StationarityMonitor stops at "
+            f"the first estimate <= eps = {plan.eps:g} and prints its verdict.",
+            f"# Run:  lightning-maml fit --config {target}",
+            "# Override: --trainer.max_steps N (more or fewer iterations than planned)",
+        ]
+        body = yaml.safe_dump(plan_config(plan, name, **options), sort_keys=False)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("\n".join(lines) + "\n" + body)
+        written.append(target)
+    return written
 
 
 def plan_main(argv: list[str]) -> int:
@@ -214,7 +434,7 @@ def plan_main(argv: list[str]) -> int:
 
     Returns:
         0 when every requested variant has a plan, 2 when one was refused (FO-MAML below its
-        floor; the reason is printed).
+        floor; the reason is printed, and no config is written for it).
     """
     parser = argparse.ArgumentParser(
         prog="lightning-maml plan",
@@ -237,13 +457,53 @@ def plan_main(argv: list[str]) -> int:
         default=1.0,
         help="F(w_0) - min F for the iteration bound, > 0 (default 1)",
     )
+    constant = parser.add_mutually_exclusive_group()
+    constant.add_argument(
+        "--iteration_constant",
+        "--iteration-constant",
+        type=finite(0.0, strict=True),
+        help="the O(1) factor of the iteration bound, > 0 (default 1: not measured)",
+    )
+    constant.add_argument(
+        "--constant_from",
+        "--constant-from",
+        help="JSON of `lightning-maml experiment --constant`: the measured O(1) factor",
+    )
+    parser.add_argument(
+        "--inner_steps",
+        type=count(1),
+        default=1,
+        help="inner steps N per task (N > 1: Ji, Yang, Liang 2022's multi-step conditions)",
+    )
     covered = variants.names(theory=True)
     parser.add_argument(
         "--variants", nargs="+", choices=covered, default=covered, help="variants to plan"
     )
+    parser.add_argument(
+        "--write_config",
+        "--write-config",
+        metavar="PLAN.yaml",
+        help="write a runnable `lightning-maml fit` config on the linear task family (one "
+        "variant: this file; several: PLAN-VARIANT.yaml each)",
+    )
+    parser.add_argument("--dim", type=count(1), default=10, help="linear family: input dimension")
+    parser.add_argument(
+        "--spread", type=finite(0.0), default=1.0, help="linear family: task spread s"
+    )
+    parser.add_argument(
+        "--monitor_every",
+        type=count(1),
+        help="steps between StationarityMonitor estimates (default: iterations / 100)",
+    )
+    parser.add_argument(
+        "--monitor_tasks",
+        type=count(2),
+        help="StationarityMonitor's held-out tasks (default: (2 sigma / eps)^2, 200 to 20000, "
+        "so that its estimate resolves eps)",
+    )
     args = parser.parse_args(argv)
 
-    values = {}
+    values: dict[str, Any] = {}
     if args.source:
         try:
             values = _read_estimate(args.source)
@@ -257,22 +517,68 @@ def plan_main(argv: list[str]) -> int:
         parser.error(
             f"missing {', '.join('--' + m for m in missing)} (give them or --from a JSON)."
         )
+    constants: dict[str, tuple[float, str]] = {}
+    for name in args.variants:
+        if args.constant_from:
+            try:
+                constants[name] = read_constant(args.constant_from, name)
+            except ValueError as err:
+                parser.error(str(err))
+        elif args.iteration_constant is not None:
+            constants[name] = (args.iteration_constant, "given: --iteration_constant")
+        else:
+            constants[name] = (
+                1.0,
+                "NOT MEASURED: the theorem's O(1) taken as 1; --constant_from FILE gives a "
+                "measured one",
+            )
 
-    print(
-        "inputs: "
-        + ", ".join(f"{name} = {values[name]:.4g}" for name in PLAN_INPUTS)
-        + f", eps = {args.eps:.4g}, Delta = {args.Delta:.4g}"
+    inputs = (
+        ", ".join(f"{name} = {values[name]:.4g}" for name in PLAN_INPUTS)
+        + f", eps = {args.eps:.4g}, Delta = {args.Delta:.4g}, inner_steps = {args.inner_steps}"
     )
+    print("inputs: " + inputs)
     # What a refused variant can turn to: the covered variants whose bounds have no floor.
-    floorless = [v.title for v in variants.variants(theory=True) if not v.theory.bias]
+    floorless = [v.title for v in variants.variants(theory=True) if not v.constants.bias]
     status = 0
+    plans = {}
     for name in args.variants:
         variant = variants.get(name)
+        factor, source = constants[name]
         print()
         try:
-            plan = compute_plan(variant.theory, eps=args.eps, Delta=args.Delta, **values)
+            plan = compute_plan(
+                variant.constants,
+                eps=args.eps,
+                Delta=args.Delta,
+                iteration_constant=factor,
+                inner_steps=args.inner_steps,
+                **values,
+            )
             print(format_plan(plan, variant.title))
+            print(f"O(1) of the iterations: {factor:.4g} ({source})")
+            plans[name] = plan
         except Unreachable as refusal:
             print(f"{variant.title}\nREFUSED: {explain_refusal(refusal, variant.title, floorless)}")
             status = 2
+    if args.write_config and plans:
+        header = {
+            n: [
+                f"inputs: {inputs}",
+                f"O(1) of the iterations: {constants[n][0]:.4g} ({constants[n][1]})",
+            ]
+            for n in plans
+        }
+        written = write_plan_configs(
+            plans,
+            args.write_config,
+            header,
+            dim=args.dim,
+            spread=args.spread,
+            monitor_every=args.monitor_every,
+            monitor_tasks=args.monitor_tasks,
+        )
+        print()
+        for path in written:
+            print(f"wrote {path}: lightning-maml fit --config {path}")
     return status

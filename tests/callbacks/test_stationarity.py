@@ -87,8 +87,76 @@ def test_defaults_to_the_datamodules_tasks(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"every_n_steps": 0}, {"tasks": 1}, {"eps": 0.0}, {"sampler": "LinearTasks"}]
+    "kwargs",
+    [
+        {"every_n_steps": 0},
+        {"tasks": 1},
+        {"eps": 0.0},
+        {"sampler": "LinearTasks"},
+        {"planned_steps": 0},
+        {"stop": "yes"},
+    ],
 )
 def test_invalid_arguments_raise(kwargs):
     with pytest.raises(ValueError):
         StationarityMonitor(**kwargs)
+
+
+def test_stop_true_stops_at_the_first_estimate_below_eps(tmp_path, capfd):
+    sampler = LinearTasks(shots=100, query_shots=100, hessian_shots=100)
+    monitor = StationarityMonitor(every_n_steps=5, tasks=100, sampler=sampler, eps=2.0)
+    trainer = fit(learner(lr=0.05), monitor, tmp_path, max_steps=500)
+
+    first_below = next((s, v) for s, v, _ in monitor.history if v <= 2.0)
+    assert monitor.reached[:2] == first_below
+    assert trainer.global_step == first_below[0]
+    assert monitor.verdict.startswith(f"reached eps=2 at step {first_below[0]} of the planned 500")
+    assert "standard errors" in monitor.verdict
+    assert (
+        f"StationarityMonitor: {monitor.verdict}" in capfd.readouterr().out
+    )  # Lightning's info log, on stderr
+    with open(f"{trainer.logger.log_dir}/metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("theory/grad_F_norm")]
+    assert all(float(r["theory/planned_steps"]) == 500 for r in rows)
+    assert [r["theory/reached_step"] for r in rows][-1] == str(float(first_below[0]))
+    assert all(r["theory/reached_step"] == "" for r in rows[:-1])
+
+
+def test_stop_false_runs_on_and_keeps_the_first_reached_step(tmp_path):
+    sampler = LinearTasks(shots=100, query_shots=100, hessian_shots=100)
+    monitor = StationarityMonitor(
+        every_n_steps=5, tasks=100, sampler=sampler, eps=2.0, stop=False, planned_steps=300
+    )
+    trainer = fit(learner(lr=0.05), monitor, tmp_path, max_steps=60)
+
+    first_below = next(s for s, v, _ in monitor.history if v <= 2.0)
+    assert trainer.global_step == 60 > first_below
+    assert monitor.reached[0] == first_below
+    assert monitor.verdict.startswith(f"reached eps=2 at step {first_below} of the planned 300:")
+
+
+def test_verdict_when_eps_is_not_reached(tmp_path, capfd):
+    sampler = LinearTasks(shots=50, query_shots=50, hessian_shots=50)
+    monitor = StationarityMonitor(every_n_steps=4, tasks=20, sampler=sampler, eps=0.01)
+    trainer = fit(learner(lr=0.05), monitor, tmp_path, max_steps=10)
+
+    assert trainer.global_step == 10
+    assert [s for s, _, _ in monitor.history] == [0, 4, 8, 10]  # the last step is measured too
+    assert monitor.reached is None
+    best = min(v for _, v, _ in monitor.history)
+    best_step = next(s for s, v, _ in monitor.history if v == best)
+    expected = (
+        f"did not reach eps=0.01 in 10 steps: best ||grad F|| = {best:.4g} at step {best_step} "
+        f"({best / 0.01:.3g} times eps)"
+    )
+    assert monitor.verdict == expected
+    assert (
+        f"StationarityMonitor: {expected}" in capfd.readouterr().out
+    )  # Lightning's info log, on stderr
+
+
+def test_the_confidence_statement_follows_the_standard_error():
+    from lightning_maml.callbacks.stationarity import confidence
+
+    assert "~95% confidence" in confidence(0.5, 0.1, 1.0)  # 5 standard errors below
+    assert "within the estimate's noise" in confidence(0.95, 0.1, 1.0)  # half of one

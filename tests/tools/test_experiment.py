@@ -10,12 +10,14 @@ import torch
 
 from lightning_maml.theory import LinearTaskFamily
 from lightning_maml.tools.experiment import (
+    bound_with_unit_constant,
     final_level,
     linear_curves,
     log_wandb,
     main,
     plot_sinusoid,
     sinusoid_part,
+    steps_to_eps,
 )
 
 STEPS, TAIL = 2000, 500
@@ -136,3 +138,45 @@ def test_settings_that_would_give_meaningless_results_are_refused(args, message,
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not output.exists()  # refused before anything is written
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_steps_to_eps_records_the_first_step_at_each_eps():
+    run = steps_to_eps("maml", 0.025, [8.5, 8.2, 0.001], tasks=4, shots=10, max_steps=40)
+    family = LinearTaskFamily()
+    assert run["start"] == pytest.approx(family.grad_F_norm(np.zeros(10), 0.025))
+    assert run["Delta"] == pytest.approx(
+        family.F(np.zeros(10), 0.025) - family.F(family.maml_optimum(0.025), 0.025)
+    )
+    assert 0 < run["reached"][8.5] < run["reached"][8.2] < 40
+    assert run["reached"][0.001] is None and run["steps"] == 40  # not reached: ran to max_steps
+    assert run["beta"] == pytest.approx(1 / 12 / 16)
+    # The bound with O(1) = 1 on this family: Delta L / eps^2 (L = 4), and at N steps
+    # (1 + 1/N)^(2N) / 4 times that.
+    assert bound_with_unit_constant(2.0, 4.0, 0.5) == pytest.approx(32.0)
+    assert bound_with_unit_constant(2.0, 4.0, 0.5, 2) == pytest.approx(32.0 * 1.5**4 / 4)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_constant_command_writes_what_plan_reads(tmp_path, capsys):
+    args = ["--constant", "--output", str(tmp_path), "--no_wandb", "--max_steps", "30"]
+    assert main([*args, "--eps", "8.6", "8.4", "8.2"]) == 0
+    record = json.loads((tmp_path / "constant.json").read_text())
+    assert set(record["per_variant"]) == {"maml", "hfmaml"}
+    assert record["iteration_constant"] == max(record["per_variant"].values())
+    maml = [r for r in record["rows"] if r["variant"] == "maml"]
+    assert [r["eps"] for r in maml] == [8.6, 8.4, 8.2]
+    for row in maml:
+        assert row["ratio"] == pytest.approx(row["reached"] / row["bound_1"])
+    assert record["per_variant"]["maml"] == max(r["ratio"] for r in maml)
+    forced = record["forced"]["fomaml"]
+    assert forced["exact_fomaml_floor"] == pytest.approx(LinearTaskFamily().fomaml_floor(0.05))
+    assert [r["inner_steps"] for r in record["multistep"]] == [1, 2, 5, 10]
+    capsys.readouterr()
+    from lightning_maml.cli import main as cli_main
+
+    plan = ["--L", "4", "--rho", "0", "--sigma", "1", "--sigma_tilde", "2", "--sigma_H", "1"]
+    plan += ["--inner_lr", "0.025", "--eps", "1", "--variants", "maml"]
+    assert cli_main(["plan", *plan, "--constant_from", str(tmp_path / "constant.json")]) == 0
+    assert "per_variant.maml, linear family" in capsys.readouterr().out
