@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-__all__ = ["MeanWithCI", "mean_with_ci", "task_accuracy"]
+__all__ = ["MeanWithCI", "classification_accuracy", "mean_with_ci", "task_accuracy"]
 
 #: The two-sided 95% quantile of the standard normal, as papers use for 600 test tasks.
 Z_95 = 1.959963984540054
@@ -70,3 +70,11 @@ class MeanWithCI(Metric):
             nan = torch.tensor(math.nan, dtype=torch.float64, device=self.total.device)
             return (self.total / self.count if self.count else nan), nan
         return _from_moments(self.total, self.total_sq, self.count)
+
+
+def classification_accuracy(predictions: Tensor, targets: Tensor) -> Tensor | None:
+    """Per-task accuracy where the tasks are classification (integer targets, predictions with a
+    class dimension), else ``None``."""
+    if targets.is_floating_point() or predictions.dim() != targets.dim() + 1:
+        return None
+    return task_accuracy(predictions, targets)

@@ -75,6 +75,28 @@ class MetaStep(Evaluation):
     grads: dict[str, Tensor] = field(default_factory=dict)
     update_grads: dict[str, Tensor] = field(default_factory=dict)
 
+    def surrogate(self, model: nn.Module, update: nn.Module) -> Tensor:
+        """A scalar whose gradient with respect to the parameters of ``model`` and ``update`` is
+        this meta-gradient: ``sum(g.detach() * w)``.
+
+        Its backward is an ordinary one, so DDP's all-reduce, precision plugins and Lightning's
+        hooks all see the meta-gradient. A non-finite loss makes it NaN, so that a check after
+        the all-reduce sees the failure on every rank and all ranks stop together.
+        """
+        pairs = [(p, self.grads[n]) for n, p in model.named_parameters() if n in self.grads]
+        pairs += [
+            (p, self.update_grads[n])
+            for n, p in update.named_parameters()
+            if n in self.update_grads
+        ]
+        poison = torch.where(torch.isfinite(self.loss), 1.0, float("nan"))
+        # One dot product of flattened vectors rather than a sum of per-tensor products: fewer
+        # operator calls, each a kernel launch on a GPU.
+        return torch.dot(
+            torch.cat([p.flatten() for p, _ in pairs]),
+            torch.cat([g.flatten().to(p.dtype) for p, g in pairs]) * poison.to(pairs[0][0].dtype),
+        )
+
 
 @dataclass(frozen=True)
 class Supports:
