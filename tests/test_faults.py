@@ -114,6 +114,15 @@ def assert_resumes_to_the_same_end(checkpoint: Path, uninterrupted, tmp_path: Pa
         assert torch.equal(weights(last)[name], value), name
 
 
+def wait_for_the_first_checkpoint(save_dir: Path, process: subprocess.Popen) -> None:
+    """Returns once the run has written a last.ckpt (or ended); fails after 300 s."""
+    deadline = time.monotonic() + 300
+    while not list(save_dir.rglob("last.ckpt")) and process.poll() is None:
+        if time.monotonic() > deadline:
+            pytest.fail("the run wrote no checkpoint in 300 s")
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_run_killed_at_a_random_point_resumes_exactly(seed, uninterrupted, tmp_path):
     save_dir = tmp_path / "killed"
@@ -121,11 +130,7 @@ def test_a_run_killed_at_a_random_point_resumes_exactly(seed, uninterrupted, tmp
         command(save_dir), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        deadline = time.monotonic() + 300
-        while not list(save_dir.rglob("last.ckpt")) and process.poll() is None:
-            if time.monotonic() > deadline:
-                pytest.fail("the run wrote no checkpoint in 300 s")
-            time.sleep(0.05)
+        wait_for_the_first_checkpoint(save_dir, process)
         # Somewhere after the first checkpoint: while training, validating or saving.
         time.sleep(random.Random(seed).uniform(0.0, 0.5))
         process.send_signal(signal.SIGKILL)
@@ -151,11 +156,7 @@ def test_a_run_stopped_by_sigterm_saves_its_last_step_and_resumes_exactly(
             command(save_dir), env=ENV, stdout=subprocess.DEVNULL, stderr=stderr
         )
         try:
-            deadline = time.monotonic() + 300
-            while not list(save_dir.rglob("last.ckpt")) and process.poll() is None:
-                if time.monotonic() > deadline:
-                    pytest.fail("the run wrote no checkpoint in 300 s")
-                time.sleep(0.05)
+            wait_for_the_first_checkpoint(save_dir, process)
             # At a random step after the first validation: in a step, a validation or a save.
             time.sleep(random.Random(seed).uniform(0.0, 1.0))
             process.send_signal(signal.SIGTERM)
