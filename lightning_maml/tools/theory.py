@@ -9,11 +9,13 @@
 ``estimate`` builds the recipe's model and datamodule through the same CLI as ``fit`` (so any
 ``--model...`` / ``--data...`` override works, e.g. more ``--data.init_args.query_shots`` for
 tighter per-task estimates), draws tasks from its loader and prints the constants of the
-assumptions at the model's weights. ``plan`` turns constants into batch sizes, step size and
-iteration bound for each variant, and with ``--write_config`` into a runnable recipe on the
-linear task family: the plan's batch sizes, ``TheoryStepSize`` with its c, its iterations as
-``trainer.max_steps`` and ``StationarityMonitor`` with its eps, whose verdict at the end of ``fit``
-says whether the run reached eps within the planned iterations.
+assumptions at the model's weights, with the meta-loss F(w) and the resolved recipe. ``plan``
+turns constants into batch sizes, step size and iteration bound for each variant, and with
+``--write_config`` into a runnable recipe on the estimated recipe's model and task family (the
+linear family or the sinusoids; the linear family when the constants come without a recipe):
+the plan's batch sizes, ``TheoryStepSize`` with its c, its iterations as ``trainer.max_steps``
+and ``StationarityMonitor`` with its eps, whose verdict at the end of ``fit`` says whether the
+run reached eps within the planned iterations. ``Delta`` defaults to the estimate's meta-loss.
 
 The iteration bound carries the theorem's unspecified O(1) factor. ``--iteration_constant X``
 gives it; ``--constant_from FILE`` reads the one ``lightning-maml experiment --constant`` measured
@@ -23,6 +25,7 @@ gives it; ``--constant_from FILE`` reads the one ``lightning-maml experiment --c
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import warnings
@@ -167,14 +170,26 @@ def estimate_main(argv: list[str]) -> int:
         task_chunk_size=args.task_chunk_size,
         seed=args.seed,
     )
+    # F(w) on the same tasks: for a non-negative loss it bounds Delta = F(w) - min F, which
+    # `plan` takes from here instead of its default 1.
+    meta_loss = float(learner.algorithm.evaluate(learner.model, learner.loss_fn, tasks).loss)
     print(format_estimates(estimates))
+    print(f"{'meta_loss':<12} {meta_loss:<12.5g} F(w): mean query loss after adaptation")
+    resolved = cli.config.as_dict()
     record = {
         **estimates.as_dict(),
+        "meta_loss": meta_loss,
         "inner_lr": learner.algorithm.inner_lr,
         "variant": type(learner.algorithm).__name__,
         "config": args.config,
         "ckpt_path": args.ckpt_path,
         "split": args.split,
+        # The recipe as resolved, overrides included: what `plan --write_config` trains.
+        "recipe": {
+            "seed_everything": resolved.get("seed_everything"),
+            "model": {key: resolved["model"].get(key) for key in RECIPE_MODEL_KEYS},
+            "data": resolved["data"],
+        },
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
@@ -194,8 +209,9 @@ PLAN_RANGES = {
 PLAN_INPUTS = tuple(PLAN_RANGES)
 
 
-def _read_estimate(path: str) -> dict[str, float]:
-    """The planner's constants in the JSON of ``lightning-maml estimate``, each checked.
+def _read_estimate(path: str) -> tuple[dict[str, float], dict]:
+    """The planner's constants in the JSON of ``lightning-maml estimate``, each checked, and
+    the whole record (its ``meta_loss`` and ``recipe``, when it has them).
 
     Raises:
         ValueError: Naming the file, and the line or the constant, for a file that cannot be
@@ -229,7 +245,7 @@ def _read_estimate(path: str) -> dict[str, float]:
             raise ValueError(
                 f"--from {path}: {name} {err}; estimate again, or give --{name} to override it."
             ) from None
-    return values
+    return values, record
 
 
 def read_constant(path: str, variant: str) -> tuple[float, str]:
@@ -300,39 +316,135 @@ def _class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__name__}"
 
 
+#: What an estimate keeps of the recipe's ``model`` section: the algorithm, the meta-optimizer
+#: and any LR scheduler are the plan's to set.
+RECIPE_MODEL_KEYS = ("model", "loss", "eval_inner_steps")
+
+#: The task families a written plan can run on: the datamodule's class path, the sampler of
+#: its held-out tasks for the StationarityMonitor, and the init args the two share.
+TASK_FAMILIES = {
+    "lightning_maml.datamodules.LinearTasksDataModule": (
+        "lightning_maml.datamodules.LinearTasks",
+        ("dim", "spread", "curvature_range", "center", "noise_std"),
+    ),
+    "lightning_maml.datamodules.SinusoidDataModule": (
+        "lightning_maml.datamodules.SinusoidTasks",
+        ("amplitude_range", "phase_range", "input_range"),
+    ),
+}
+
+
+def linear_recipe(dim: int = 10, spread: float = 1.0, seed: int = 0) -> dict:
+    """The linear task family as a recipe (``seed_everything``, ``model`` and ``data``
+    sections): what a plan runs on when its constants did not come from a recipe's estimate."""
+    return {
+        "seed_everything": seed,
+        "model": {
+            "model": {
+                "class_path": "torch.nn.Linear",
+                "init_args": {"in_features": dim, "out_features": 1, "bias": False},
+            },
+            "loss": "mse",
+        },
+        "data": {
+            "class_path": "lightning_maml.datamodules.LinearTasksDataModule",
+            "init_args": {"dim": dim, "spread": spread, "seed": seed},
+        },
+    }
+
+
+def _data_class(data: Any) -> str:
+    """The recipe's datamodule class path, with the package's short form spelt out."""
+    path = data.get("class_path", "") if isinstance(data, dict) else ""
+    if path.startswith("datamodules."):
+        path = "lightning_maml." + path
+    return path
+
+
+def check_recipe(recipe: Any, source: str) -> dict:
+    """The recipe an estimate recorded, checked for what a written plan needs.
+
+    Raises:
+        ValueError: Naming ``source``, for a recipe without a model or a datamodule, or whose
+            datamodule is not a task family in :data:`TASK_FAMILIES` (the StationarityMonitor
+            of a written plan draws its held-out tasks, with 100 examples each, from the family).
+    """
+    if (
+        not isinstance(recipe, dict)
+        or not isinstance(recipe.get("model"), dict)
+        or not isinstance(recipe.get("data"), dict)
+    ):
+        raise ValueError(
+            f"--from {source}: its `recipe` has no model and data sections; estimate again "
+            "with this version of `lightning-maml estimate`."
+        )
+    family = _data_class(recipe["data"])
+    if family not in TASK_FAMILIES:
+        names = ", ".join(path.rsplit(".", 1)[1] for path in TASK_FAMILIES)
+        raise ValueError(
+            f"--write_config: the recipe of {source} trains on {family or 'no datamodule'}; a "
+            f"written plan runs on a task family whose held-out tasks its StationarityMonitor "
+            f"can draw ({names}). Plan without --write_config, or estimate on a recipe with one "
+            "of those."
+        )
+    return recipe
+
+
 def plan_config(
     plan: VariantPlan,
     variant: str,
     *,
-    dim: int = 10,
-    spread: float = 1.0,
+    recipe: dict | None = None,
     monitor_every: int | None = None,
     monitor_tasks: int | None = None,
-    seed: int = 0,
 ) -> dict:
-    """A LightningCLI config that runs ``plan`` on the linear task family.
+    """A LightningCLI config that runs ``plan`` on a recipe's model and task family.
+
+    The recipe's model, loss and datamodule are kept; the plan sets the algorithm (the
+    variant at the plan's inner_lr and inner_steps), the data batch sizes, plain SGD with
+    ``TheoryStepSize``, ``trainer.max_steps`` and a ``StationarityMonitor`` with the plan's eps.
+    The recipe's own callbacks, logger and LR scheduler are left out: validation is off, and
+    the theory's step size replaces any schedule.
 
     Args:
         plan: The variant's plan.
         variant: The variant's registered name.
-        dim: The family's input dimension.
-        spread: The family's task spread s.
+        recipe: ``seed_everything``, ``model`` and ``data`` sections, as ``lightning-maml
+            estimate`` records them (default: :func:`linear_recipe`); its datamodule must be
+            one of :data:`TASK_FAMILIES`.
         monitor_every: Steps between the monitor's estimates (default: the plan's iterations
             over 100, at least 1): the resolution of the reached step.
         monitor_tasks: The monitor's held-out tasks (default: :func:`monitor_tasks_for`).
-        seed: The data seed.
     """
+    recipe = check_recipe(recipe if recipe is not None else linear_recipe(), "the recipe")
     entry = variants.get(variant)
     steps = plan.iterations
     every = monitor_every or max(1, math.ceil(steps / 100))
     algorithm_args: dict = {"inner_lr": plan.inner_lr, "inner_steps": plan.inner_steps}
     if entry.constants.hessian_batch is not None:
         algorithm_args["hessian_batch"] = "independent"  # the paper's estimator
+    if entry.constants.finite_difference and plan.rho > 0:
+        # The theorem's delta_i = 1 / (6 rho alpha ||v_i||), which the plan prints; with
+        # rho = 0 the difference is exact for any delta and the variant's default stays.
+        algorithm_args.update(delta="theory", rho=plan.rho)
     step_size_args: dict = {"L": plan.L, "rho": plan.rho, "c": plan.step_size_constant}
     if plan.rho > 0:
         step_size_args.update(tasks=plan.step_tasks, shots=plan.step_shots)
+    data_class = _data_class(recipe["data"])
+    data_args = dict(recipe["data"].get("init_args") or {})
+    sampler_class, shared = TASK_FAMILIES[data_class]
+    # Copies: one object in two places would be written as a YAML anchor and alias.
+    sampler_args = {name: copy.deepcopy(data_args[name]) for name in shared if name in data_args}
+    sampler_args.update(shots=MONITOR_SHOTS, query_shots=MONITOR_SHOTS, hessian_shots=MONITOR_SHOTS)
+    data_args.update(
+        shots=plan.inner_shots,
+        query_shots=plan.query_shots,
+        hessian_shots=plan.hessian_shots or 0,
+        meta_batch_size=plan.task_batch,
+    )
+    model = {key: value for key, value in recipe["model"].items() if value is not None}
     return {
-        "seed_everything": seed,
+        "seed_everything": recipe.get("seed_everything") or 0,
         "trainer": {
             "max_steps": steps,
             "limit_val_batches": 0,
@@ -356,41 +468,17 @@ def plan_config(
                         "eps": plan.eps,
                         "stop": True,
                         "planned_steps": steps,
-                        "sampler": {
-                            "class_path": "datamodules.LinearTasks",
-                            "init_args": {
-                                "dim": dim,
-                                "spread": spread,
-                                "shots": MONITOR_SHOTS,
-                                "query_shots": MONITOR_SHOTS,
-                                "hessian_shots": MONITOR_SHOTS,
-                            },
-                        },
+                        "sampler": {"class_path": sampler_class, "init_args": sampler_args},
                     },
                 },
             ],
         },
         "model": {
-            "model": {
-                "class_path": "torch.nn.Linear",
-                "init_args": {"in_features": dim, "out_features": 1, "bias": False},
-            },
+            **model,
             "algorithm": {"class_path": _class_path(entry.algorithm), "init_args": algorithm_args},
-            "loss": "mse",
             "meta_optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": plan.max_step}},
         },
-        "data": {
-            "class_path": "datamodules.LinearTasksDataModule",
-            "init_args": {
-                "dim": dim,
-                "spread": spread,
-                "shots": plan.inner_shots,
-                "query_shots": plan.query_shots,
-                "hessian_shots": plan.hessian_shots or 0,
-                "meta_batch_size": plan.task_batch,
-                "seed": seed,
-            },
-        },
+        "data": {"class_path": data_class, "init_args": data_args},
     }
 
 
@@ -403,6 +491,13 @@ def config_paths(path: str, names: list[str]) -> dict[str, Path]:
     return {n: target.with_name(f"{target.stem}-{n}{target.suffix or '.yaml'}") for n in names}
 
 
+def model_name(config: dict) -> str:
+    """The class name of a config's model, for the written file's first line."""
+    model = config["model"].get("model")
+    path = model.get("class_path", "") if isinstance(model, dict) else ""
+    return path.rsplit(".", 1)[-1] or "the recipe's model"
+
+
 def write_plan_configs(
     plans: dict[str, VariantPlan], path: str, header: dict[str, list[str]], **options
 ) -> list[Path]:
@@ -411,19 +506,41 @@ def write_plan_configs(
     written = []
     for name, target in config_paths(path, list(plans)).items():
         plan = plans[name]
+        config = plan_config(plan, name, **options)
+        family = config["data"]["class_path"].rsplit(".", 1)[1]
         lines = [
-            f"# {variants.get(name).title} on linear-regression tasks, as `lightning-maml plan` planned it",
+            f"# {variants.get(name).title} on {family} with {model_name(config)}, as "
+            "`lightning-maml plan` planned it",
             *[f"# {line}" for line in header[name]],
             f"# iterations {plan.iterations} = trainer.max_steps; the StationarityMonitor stops at "
             f"the first estimate <= eps = {plan.eps:g} and prints its verdict.",
             f"# Run:  lightning-maml fit --config {target}",
             "# Override: --trainer.max_steps N (more or fewer iterations than planned)",
         ]
-        body = yaml.safe_dump(plan_config(plan, name, **options), sort_keys=False)
+        body = yaml.safe_dump(config, sort_keys=False)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text("\n".join(lines) + "\n" + body)
         written.append(target)
     return written
+
+
+def _delta(given: float | None, meta_loss: Any, source: str | None) -> tuple[float, str]:
+    """``Delta = F(w_0) - min F`` for the bound, and where it came from: ``--Delta``, else the
+    meta-loss the estimate recorded (an upper bound when the loss is non-negative, as ``mse``
+    and ``cross_entropy`` are), else 1."""
+    if given is not None:
+        return given, "given: --Delta"
+    if (
+        isinstance(meta_loss, (int, float))
+        and not isinstance(meta_loss, bool)
+        and math.isfinite(meta_loss)
+        and meta_loss > 0
+    ):
+        return float(meta_loss), (
+            f"the meta-loss F(w_0) recorded in {source}, an upper bound of F(w_0) - min F for a "
+            "non-negative loss; --Delta gives a tighter one"
+        )
+    return 1.0, "NOT KNOWN: taken as 1, the bound per unit of Delta; --Delta gives it"
 
 
 def plan_main(argv: list[str]) -> int:
@@ -454,8 +571,8 @@ def plan_main(argv: list[str]) -> int:
     parser.add_argument(
         "--Delta",
         type=finite(0.0, strict=True),
-        default=1.0,
-        help="F(w_0) - min F for the iteration bound, > 0 (default 1)",
+        help="F(w_0) - min F for the iteration bound, > 0 (default: the meta-loss F(w_0) "
+        "that --from recorded, which bounds it for a non-negative loss; else 1)",
     )
     constant = parser.add_mutually_exclusive_group()
     constant.add_argument(
@@ -483,12 +600,15 @@ def plan_main(argv: list[str]) -> int:
         "--write_config",
         "--write-config",
         metavar="PLAN.yaml",
-        help="write a runnable `lightning-maml fit` config on the linear task family (one "
-        "variant: this file; several: PLAN-VARIANT.yaml each)",
+        help="write a runnable `lightning-maml fit` config (one variant: this file; several: "
+        "PLAN-VARIANT.yaml each) on the model and tasks of the recipe --from was estimated "
+        "on, or without one on the linear task family",
     )
-    parser.add_argument("--dim", type=count(1), default=10, help="linear family: input dimension")
     parser.add_argument(
-        "--spread", type=finite(0.0), default=1.0, help="linear family: task spread s"
+        "--dim", type=count(1), help="linear family without a recipe: input dimension (10)"
+    )
+    parser.add_argument(
+        "--spread", type=finite(0.0), help="linear family without a recipe: task spread s (1)"
     )
     parser.add_argument(
         "--monitor_every",
@@ -504,11 +624,29 @@ def plan_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     values: dict[str, Any] = {}
+    record: dict = {}
     if args.source:
         try:
-            values = _read_estimate(args.source)
+            values, record = _read_estimate(args.source)
         except ValueError as err:
             parser.error(str(err))
+    recipe = record.get("recipe")
+    if recipe is not None and (args.dim is not None or args.spread is not None):
+        parser.error(
+            f"--dim and --spread set the linear family of a plan without a recipe; --from "
+            f"{args.source} names its recipe (its data: {_data_class(recipe.get('data'))}). "
+            "Leave them out, or give the constants without --from."
+        )
+    if args.write_config:
+        try:
+            recipe = (
+                check_recipe(recipe, args.source)
+                if recipe is not None
+                else linear_recipe(args.dim or 10, 1.0 if args.spread is None else args.spread)
+            )
+        except ValueError as err:
+            parser.error(str(err))
+    Delta, Delta_source = _delta(args.Delta, record.get("meta_loss"), args.source)
     values.update(
         {name: getattr(args, name) for name in PLAN_INPUTS if getattr(args, name) is not None}
     )
@@ -535,9 +673,10 @@ def plan_main(argv: list[str]) -> int:
 
     inputs = (
         ", ".join(f"{name} = {values[name]:.4g}" for name in PLAN_INPUTS)
-        + f", eps = {args.eps:.4g}, Delta = {args.Delta:.4g}, inner_steps = {args.inner_steps}"
+        + f", eps = {args.eps:.4g}, Delta = {Delta:.4g}, inner_steps = {args.inner_steps}"
     )
     print("inputs: " + inputs)
+    print(f"Delta: {Delta_source}")
     # What a refused variant can turn to: the covered variants whose bounds have no floor.
     floorless = [v.title for v in variants.variants(theory=True) if not v.constants.bias]
     status = 0
@@ -550,7 +689,7 @@ def plan_main(argv: list[str]) -> int:
             plan = compute_plan(
                 variant.constants,
                 eps=args.eps,
-                Delta=args.Delta,
+                Delta=Delta,
                 iteration_constant=factor,
                 inner_steps=args.inner_steps,
                 **values,
@@ -565,7 +704,16 @@ def plan_main(argv: list[str]) -> int:
         header = {
             n: [
                 f"inputs: {inputs}",
+                f"Delta: {Delta_source}",
                 f"O(1) of the iterations: {constants[n][0]:.4g} ({constants[n][1]})",
+                *(
+                    [
+                        f"the constants are at the weights of {record['ckpt_path']}; this "
+                        "config trains from the recipe's initial weights"
+                    ]
+                    if record.get("ckpt_path")
+                    else []
+                ),
             ]
             for n in plans
         }
@@ -573,8 +721,7 @@ def plan_main(argv: list[str]) -> int:
             plans,
             args.write_config,
             header,
-            dim=args.dim,
-            spread=args.spread,
+            recipe=recipe,
             monitor_every=args.monitor_every,
             monitor_tasks=args.monitor_tasks,
         )

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lightning_maml.cli import MetaCLI, main
 
@@ -178,3 +179,125 @@ def test_estimate_names_the_argument_and_its_range(args, message, capsys):
         main(["estimate", "--config", RECIPE, *args])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+# -- the path on a recipe other than the linear family: estimate -> plan --write_config -> fit --
+
+SINUSOID = "recipes/sinusoid/maml.yaml"
+SMALL_BATCHES = [
+    "--data.init_args.meta_batch_size=4",
+    "--data.init_args.shots=5",
+    "--data.init_args.query_shots=5",
+    "--data.init_args.hessian_shots=5",
+]
+
+
+@pytest.mark.slow
+def test_the_sinusoid_path_plans_and_fits_the_recipe_it_estimated(tmp_path, capfd):
+    estimate = tmp_path / "est.json"
+    args = [*SMALL, "--data.init_args.query_shots", "20", "--output", str(estimate)]
+    assert main(["estimate", "--config", SINUSOID, *args]) == 0
+    record = json.loads(estimate.read_text())
+    assert record["meta_loss"] > 0 and record["rho"] > 0  # a ReLU MLP: not a quadratic
+    assert record["recipe"]["data"]["class_path"] == "lightning_maml.datamodules.SinusoidDataModule"
+    assert record["recipe"]["data"]["init_args"]["query_shots"] == 20  # the override is recorded
+
+    target = tmp_path / "plan.yaml"
+    plan_args = ["--from", str(estimate), "--eps", "20", "--variants", "maml", "hfmaml"]
+    plan_args += ["--iteration_constant", "0.01", "--monitor_tasks", "4", "--monitor_every", "2"]
+    assert main(["plan", *plan_args, "--write_config", str(target)]) == 0
+    out = capfd.readouterr().out
+    # Before: Delta 1 whatever the task family, and the plan silently written for a linear model
+    # on linear tasks: a config that ran, on the wrong problem.
+    assert f"Delta = {record['meta_loss']:.4g}" in out
+    assert f"the meta-loss F(w_0) recorded in {estimate}" in out
+    configs = {
+        n: yaml.safe_load((tmp_path / f"plan-{n}.yaml").read_text()) for n in ("maml", "hfmaml")
+    }
+    for config in configs.values():
+        assert config["model"]["model"]["class_path"] == "lightning_maml.models.MLP"
+        assert config["model"]["model"]["init_args"]["hidden"] == 40
+        assert config["data"]["class_path"] == "lightning_maml.datamodules.SinusoidDataModule"
+        monitor = config["trainer"]["callbacks"][1]["init_args"]
+        assert monitor["sampler"]["class_path"] == "lightning_maml.datamodules.SinusoidTasks"
+        assert monitor["sampler"]["init_args"]["amplitude_range"] == [0.1, 5.0]
+        assert config["model"]["meta_optimizer"]["class_path"] == "torch.optim.SGD"
+        assert "lr_scheduler" not in config["model"]
+    assert (
+        (tmp_path / "plan-maml.yaml")
+        .read_text()
+        .startswith("# MAML on SinusoidDataModule with MLP")
+    )
+    hfmaml = configs["hfmaml"]["model"]["algorithm"]["init_args"]
+    assert (hfmaml["delta"], hfmaml["rho"]) == ("theory", record["rho"])  # the plan's delta
+
+    steps = configs["maml"]["trainer"]["max_steps"]
+    main(["fit", "--config", str(tmp_path / "plan-maml.yaml"), *SMALL_BATCHES,
+          "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={tmp_path}",
+          "--trainer.max_steps=4"])  # fmt: skip
+    verdict = [
+        line for line in capfd.readouterr().out.splitlines() if "StationarityMonitor:" in line
+    ]
+    assert verdict and verdict[-1].startswith("StationarityMonitor: reached eps=20 at step 0 of")
+    assert f"of the planned {steps}" in verdict[-1]
+
+
+def write_estimate(path: Path, **extra) -> Path:
+    """An estimate's JSON with small constants (a plan of a few dozen steps) and ``extra``."""
+    constants = {"L": 4, "rho": 0, "sigma": 1, "sigma_tilde": 2, "sigma_H": 1, "inner_lr": 0.025}
+    path.write_text(json.dumps({**constants, **extra}))
+    return path
+
+
+def iterations(out: str) -> int:
+    return int(next(line for line in out.splitlines() if line.startswith("iterations")).split()[1])
+
+
+def test_delta_defaults_to_the_estimated_meta_loss(tmp_path, capsys):
+    # 500 Delta L / eps^2 = 500 * Delta * 4 / 64 = 31.25 Delta.
+    base = ["--eps", "8", "--variants", "maml", "--iteration_constant", "500"]
+    with_loss = write_estimate(tmp_path / "a.json", meta_loss=2.0)
+    assert main(["plan", "--from", str(with_loss), *base]) == 0
+    assert iterations(capsys.readouterr().out) == 63  # 62.5 -> 63
+    assert main(["plan", "--from", str(with_loss), *base, "--Delta", "3"]) == 0
+    out = capsys.readouterr().out
+    assert iterations(out) == 94 and "Delta: given: --Delta" in out  # 93.75 -> 94
+    assert main(["plan", "--from", str(write_estimate(tmp_path / "b.json")), *base]) == 0
+    out = capsys.readouterr().out
+    assert iterations(out) == 32 and "Delta: NOT KNOWN: taken as 1" in out
+
+
+def test_write_config_refuses_a_recipe_without_a_task_family(tmp_path, capsys):
+    recipe = {"model": {"model": {"class_path": "lightning_maml.models.ConvNet"}},
+              "data": {"class_path": "lightning_maml.datamodules.OmniglotDataModule"}}  # fmt: skip
+    source = write_estimate(tmp_path / "est.json", recipe=recipe)
+    args = ["--from", str(source), "--eps", "8", "--variants", "maml"]
+    line = plan_error(capsys, *args, "--write_config", str(tmp_path / "p.yaml"))
+    assert f"--write_config: the recipe of {source} trains on " in line
+    assert "lightning_maml.datamodules.OmniglotDataModule" in line
+    assert "LinearTasksDataModule, SinusoidDataModule" in line
+    assert not (tmp_path / "p.yaml").exists()
+    assert main(["plan", *args]) == 0  # the plan itself is still printed without --write_config
+
+
+def test_dim_and_spread_do_not_apply_to_an_estimated_recipe(tmp_path, capsys):
+    recipe = {"model": {"model": {"class_path": "torch.nn.Linear"}},
+              "data": {"class_path": "lightning_maml.datamodules.LinearTasksDataModule"}}  # fmt: skip
+    source = write_estimate(tmp_path / "est.json", recipe=recipe)
+    line = plan_error(capsys, "--from", str(source), "--eps", "8", "--dim", "5")
+    assert f"--from {source} names its recipe" in line and "Leave them out" in line
+
+
+def test_the_linear_recipe_is_written_as_it_was_estimated(tmp_path, capsys):
+    estimate = tmp_path / "est.json"
+    args = [*SMALL, "--data.init_args.spread", "2.0", "--output", str(estimate)]
+    assert main(["estimate", "--config", RECIPE, *args]) == 0
+    target = tmp_path / "p.yaml"
+    plan_args = ["--from", str(estimate), "--eps", "100", "--variants", "maml"]
+    assert main(["plan", *plan_args, "--write_config", str(target)]) == 0
+    config = yaml.safe_load(target.read_text())
+    data = config["data"]["init_args"]
+    monitor = config["trainer"]["callbacks"][1]["init_args"]["sampler"]
+    assert config["model"]["model"]["class_path"] == "torch.nn.Linear"
+    assert data["spread"] == monitor["init_args"]["spread"] == 2.0
+    assert monitor["class_path"] == "lightning_maml.datamodules.LinearTasks"
