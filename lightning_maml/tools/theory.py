@@ -676,7 +676,6 @@ def plan_main(argv: list[str]) -> int:
         + f", eps = {args.eps:.4g}, Delta = {Delta:.4g}, inner_steps = {args.inner_steps}"
     )
     print("inputs: " + inputs)
-    print(f"Delta: {Delta_source}")
     # What a refused variant can turn to: the covered variants whose bounds have no floor.
     floorless = [v.title for v in variants.variants(theory=True) if not v.constants.bias]
     status = 0
@@ -696,6 +695,7 @@ def plan_main(argv: list[str]) -> int:
             )
             print(format_plan(plan, variant.title))
             print(f"O(1) of the iterations: {factor:.4g} ({source})")
+            print(f"Delta of the iterations: {Delta:.4g} ({Delta_source})")
             plans[name] = plan
         except Unreachable as refusal:
             print(f"{variant.title}\nREFUSED: {explain_refusal(refusal, variant.title, floorless)}")
@@ -704,7 +704,7 @@ def plan_main(argv: list[str]) -> int:
         header = {
             n: [
                 f"inputs: {inputs}",
-                f"Delta: {Delta_source}",
+                f"Delta of the iterations: {Delta:.4g} ({Delta_source})",
                 f"O(1) of the iterations: {constants[n][0]:.4g} ({constants[n][1]})",
                 *(
                     [

@@ -261,10 +261,12 @@ def test_delta_defaults_to_the_estimated_meta_loss(tmp_path, capsys):
     assert iterations(capsys.readouterr().out) == 63  # 62.5 -> 63
     assert main(["plan", "--from", str(with_loss), *base, "--Delta", "3"]) == 0
     out = capsys.readouterr().out
-    assert iterations(out) == 94 and "Delta: given: --Delta" in out  # 93.75 -> 94
+    assert (
+        iterations(out) == 94 and "Delta of the iterations: 3 (given: --Delta)" in out
+    )  # 93.75 -> 94
     assert main(["plan", "--from", str(write_estimate(tmp_path / "b.json")), *base]) == 0
     out = capsys.readouterr().out
-    assert iterations(out) == 32 and "Delta: NOT KNOWN: taken as 1" in out
+    assert iterations(out) == 32 and "Delta of the iterations: 1 (NOT KNOWN: taken as 1" in out
 
 
 def test_write_config_refuses_a_recipe_without_a_task_family(tmp_path, capsys):
