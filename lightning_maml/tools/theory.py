@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from lightning_maml import variants
+from lightning_maml import datamodules, variants
 from lightning_maml.checkpoint_io import load_checkpoint
 from lightning_maml.tasks import TaskBatch
 from lightning_maml.theory.estimate import ConstantEstimates, estimate_constants
@@ -354,10 +354,19 @@ def linear_recipe(dim: int = 10, spread: float = 1.0, seed: int = 0) -> dict:
 
 
 def _data_class(data: Any) -> str:
-    """The recipe's datamodule class path, with the package's short form spelt out."""
+    """The recipe's datamodule class path; a task family's other spellings (the short
+    ``datamodules.X``, the defining module's ``lightning_maml.datamodules.sinusoid.X``) become
+    its key in :data:`TASK_FAMILIES`. Nothing is imported: the path comes from a file."""
     path = data.get("class_path", "") if isinstance(data, dict) else ""
-    if path.startswith("datamodules."):
-        path = "lightning_maml." + path
+    name = path.rsplit(".", 1)[-1]
+    for family in TASK_FAMILIES:
+        cls = getattr(datamodules, family.rsplit(".", 1)[1])
+        if name == cls.__name__ and path in (
+            family,
+            f"datamodules.{name}",
+            f"{cls.__module__}.{name}",
+        ):
+            return family
     return path
 
 

@@ -282,6 +282,36 @@ def test_write_config_refuses_a_recipe_without_a_task_family(tmp_path, capsys):
     assert main(["plan", *args]) == 0  # the plan itself is still printed without --write_config
 
 
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "lightning_maml.datamodules.SinusoidDataModule",
+        "lightning_maml.datamodules.sinusoid.SinusoidDataModule",
+        "datamodules.SinusoidDataModule",
+    ],
+)
+def test_a_task_family_is_known_by_each_of_its_class_paths(tmp_path, spelling):
+    recipe = {"model": {"model": {"class_path": "lightning_maml.models.MLP"}, "loss": "mse"},
+              "data": {"class_path": spelling, "init_args": {"input_range": [-2.0, 2.0]}}}  # fmt: skip
+    source = write_estimate(tmp_path / "est.json", recipe=recipe)
+    target = tmp_path / "p.yaml"
+    args = [
+        "--from",
+        str(source),
+        "--eps",
+        "8",
+        "--variants",
+        "maml",
+        "--write_config",
+        str(target),
+    ]
+    assert main(["plan", *args]) == 0
+    config = yaml.safe_load(target.read_text())
+    assert config["data"]["class_path"] == "lightning_maml.datamodules.SinusoidDataModule"
+    sampler = config["trainer"]["callbacks"][1]["init_args"]["sampler"]
+    assert sampler["init_args"]["input_range"] == [-2.0, 2.0]  # the family's own inputs
+
+
 def test_dim_and_spread_do_not_apply_to_an_estimated_recipe(tmp_path, capsys):
     recipe = {"model": {"model": {"class_path": "torch.nn.Linear"}},
               "data": {"class_path": "lightning_maml.datamodules.LinearTasksDataModule"}}  # fmt: skip
