@@ -260,7 +260,7 @@ def confidence(value: float, stderr: float, eps: float) -> str:
             f"{margin:.1f} standard errors ({stderr:.2g}) below eps: reached with ~95% confidence"
         )
     return (
-        f"only {margin:.1f} standard errors ({stderr:.2g}) below eps: within the estimate's "
+        f"only {margin:.2g} standard errors ({stderr:.2g}) below eps: within the estimate's "
         "noise, more held-out tasks or examples would tell"
     )
 
@@ -294,5 +294,5 @@ def verdict(
     of_plan = "" if planned is None or planned == last_step else f" (the plan: {planned})"
     return (
         f"did not reach eps={eps:g} in {last_step} steps{of_plan}: best ||grad F|| = {best:.4g} "
-        f"at step {best_step} ({best / eps:.3g} times eps)"
+        f"at step {best_step} ({best / eps:.4g} times eps)"
     )

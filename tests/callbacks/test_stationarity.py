@@ -147,7 +147,7 @@ def test_verdict_when_eps_is_not_reached(tmp_path, capfd):
     best_step = next(s for s, v, _ in monitor.history if v == best)
     expected = (
         f"did not reach eps=0.01 in 10 steps: best ||grad F|| = {best:.4g} at step {best_step} "
-        f"({best / 0.01:.3g} times eps)"
+        f"({best / 0.01:.4g} times eps)"
     )
     assert monitor.verdict == expected
     assert (
