@@ -161,8 +161,8 @@ class HFMAML(MetaAlgorithm):
         )
         if hvp not in ("finite_difference", "gaussian_smoothing") and hvp not in EXACT_HVPS:
             raise ValueError(
-                "HFMAML hvp must be 'finite_difference', 'gaussian_smoothing', 'reverse' or "
-                f"'forward' (exact products), got {hvp!r}."
+                "HFMAML hvp must be 'finite_difference', 'reverse' or 'forward' (exact "
+                f"products) or 'gaussian_smoothing', got {hvp!r}."
             )
         self.constants = constants
         self.hvp = hvp
