@@ -11,6 +11,7 @@ on hand-written forward passes, and MAML's meta-gradient through the inner loop.
 from __future__ import annotations
 
 import functools
+import pickle
 
 import lightning as L
 import pytest
@@ -244,8 +245,8 @@ def test_tasks_of_a_chunk_draw_their_own_directions():
 # -- reproducibility -------------------------------------------------------------------------
 
 
-def smoothing(seed: int = 0, **kwargs) -> HFMAML:
-    return HFMAML(0.3, 2, hvp="gaussian_smoothing", seed=seed, **kwargs)
+def smoothing(seed: int = 0, inner_steps: int = 2, **kwargs) -> HFMAML:
+    return HFMAML(0.3, inner_steps, hvp="gaussian_smoothing", seed=seed, **kwargs)
 
 
 def test_draws_are_reproducible_by_seed_and_step():
@@ -353,3 +354,29 @@ def test_trains_in_a_trainer_and_resumes_with_the_same_draws(tmp_path):
         uninterrupted.state_dict().items(), resumed.state_dict().values(), strict=True
     ):
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+
+
+# -- compiled, pickled -------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_compiled_meta_gradient_draws_as_eager():
+    torch._dynamo.reset()
+    model, tasks = mlp().float(), tasks_of()
+    tasks = TaskBatch(**{n: t.float() for n, t in tasks.named_tensors().items()})
+    # One step and one direction: compiling the unrolled loop of more takes minutes on a CPU.
+    options = {"inner_steps": 1, "smoothing_samples": 1}
+    eager = smoothing(**options).meta_gradient(model, mse_loss, tasks, step=3)
+    compiled = smoothing(**options, compile=True).meta_gradient(model, mse_loss, tasks, step=3)
+    for name, grad in eager.grads.items():
+        torch.testing.assert_close(compiled.grads[name], grad, rtol=1e-3, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_pickles_after_drawing_and_draws_the_same_by_step():
+    model, tasks = mlp(), tasks_of()
+    algorithm = smoothing()
+    before = algorithm.meta_gradient(model, mse_loss, tasks, step=2)
+    copy = pickle.loads(pickle.dumps(algorithm))  # what ddp_spawn does to the LightningModule
+    after = copy.meta_gradient(model, mse_loss, tasks, step=2)
+    torch.testing.assert_close(flat(after.grads), flat(before.grads), rtol=0, atol=0)
