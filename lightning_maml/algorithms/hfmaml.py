@@ -178,13 +178,13 @@ class HFMAML(MetaAlgorithm):
                     "--model.algorithm.init_args.delta_scale null."
                 )
             self.delta = self.rho = self.delta_scale = None
-            self.smoothing_radius = check_positive(
+            self.smoothing_radius: float | None = check_positive(
                 "HFMAML smoothing_radius",
                 DEFAULT_SMOOTHING_RADIUS if smoothing_radius is None else smoothing_radius,
                 "it is the standard deviation mu of the Gaussian perturbation of each parameter, "
                 f"e.g. {DEFAULT_SMOOTHING_RADIUS:g}.",
             )
-            self.smoothing_samples = check_int(
+            self.smoothing_samples: int | None = check_int(
                 "HFMAML smoothing_samples",
                 DEFAULT_SMOOTHING_SAMPLES if smoothing_samples is None else smoothing_samples,
             )
@@ -255,7 +255,8 @@ class HFMAML(MetaAlgorithm):
         self, task: TaskModel, params: Params, rates: Params, data: dict[str, Tensor]
     ) -> tuple[Params, Params, dict[str, Tensor]]:
         x_h, y_h = self.hessian_set(data)
-        deltas, norms = [], []
+        deltas: list[Tensor] = []
+        norms: list[Tensor] = []
 
         def hvp(point: Params, direction: Params) -> Params:
             # The recursion asks for H (alpha (.) g); the delta rules are stated for the
