@@ -213,6 +213,7 @@ def test_meta_gradient_averaged_over_seeds_matches_maml(task_chunk_size):
                     2,
                     "independent",
                     hvp="gaussian_smoothing",
+                    smoothing_radius=1e-3,
                     smoothing_samples=4,
                     seed=seed,
                     task_chunk_size=task_chunk_size,
