@@ -280,9 +280,9 @@ def gaussian_smoothing_hvp(
     Each term is an unbiased estimate of ``hess f_mu(w) v`` for the smoothed loss
     ``f_mu(w) = E f(w + mu u)`` (Stein's identity applied to the gradient, in the antithetic
     form), so the estimate is unbiased for a quadratic ``f`` at any radius and off by
-    ``O(mu^2)`` for a smooth one; a ReLU network's ``f_mu`` is smooth, and its Hessian counts
-    the kinks within about ``mu ||u||`` of ``w`` as a smooth curvature rather than as jumps
-    divided by a step. For a quadratic the term is exactly ``H u_s <u_s, v>``, whose covariance
+    ``O(mu^2)`` for a smooth one. A ReLU network's ``f_mu`` is smooth, its Hessian the kinks'
+    curvature in expectation; but each pair ``w +- mu u_s`` that straddles a kink still carries
+    the gradient's jump divided by ``2 mu``, so that small radii are noisy there. For a quadratic the term is exactly ``H u_s <u_s, v>``, whose covariance
     is ``H (||v||^2 I + v v^T) H``: the variance grows with the Hessian's Frobenius norm, that is
     with the number of parameters it acts on, and falls as ``1 / b``.
 

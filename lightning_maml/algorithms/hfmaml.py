@@ -89,10 +89,10 @@ class HFMAML(MetaAlgorithm):
     ``d_j = (1 / b) sum_s [grad f_i(w_j + mu u_s) - grad f_i(w_j - mu u_s)] / (2 mu) * <u_s, g>``,
     an unbiased estimate of the product with the Hessian of the smoothed loss
     ``E f_i(w + mu u)`` (:func:`~lightning_maml.functional.gaussian_smoothing_hvp`; the standard
-    antithetic form of their gradient-based estimator). No direction-dependent step is divided
-    into a gradient jump, so a ReLU network's kinks enter as smoothed curvature; in exchange the
-    estimate is random, with a variance that grows with the Hessian's Frobenius norm (with the
-    number of parameters) and falls as ``1 / b``. It suits small models: on the image recipes'
+    antithetic form of their gradient-based estimator). The estimate is random, with a variance
+    that grows with the Hessian's Frobenius norm (with the number of parameters) and falls as
+    ``1 / b``; in a ReLU network each pair that straddles a kink still carries the gradient's
+    jump divided by ``2 mu``. It suits small models: on the image recipes'
     conv nets the error of a few directions is many times the meta-gradient, far beyond the
     finite difference's (``benchmarks/README.md``, "Gaussian smoothing"). The defaults
     ``mu = 1e-2``, ``b = 8`` are this project's choice from those measurements, not values
