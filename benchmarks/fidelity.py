@@ -17,6 +17,13 @@ Where HF-MAML's error comes from is read off three comparisons:
   Each such kink changes the gradient by a jump that the difference divides by ``2 delta``; the
   exact meta-gradient sees none of them (ReLU'' = 0 almost everywhere).
 
+HF-MAML's Gaussian-smoothing estimator (``hvp="gaussian_smoothing"``, ``--smoothing-radii``
+and ``--smoothing-samples``) is measured beside the finite differences: one draw of its
+directions per batch, as a training step would take it. ``--timing N`` also measures each
+method's meta-gradient time on the first batch of each point (the recipe's net and precision),
+the methods interleaved N times and the fastest kept, so that a machine's other load weighs
+on all of them alike.
+
 For scale, the row "MAML, next meta-batch" compares MAML's exact meta-gradient on the next
 meta-batch with this one's: the sampling noise that every step carries anyway.
 
@@ -123,25 +130,37 @@ def cast_tasks(tasks: TaskBatch, dtype: torch.dtype) -> TaskBatch:
 
 @dataclass(frozen=True)
 class Rule:
-    """One finite-difference step rule of HF-MAML.
+    """One Hessian-vector product rule of HF-MAML: a finite-difference step, or Gaussian smoothing.
 
     Attributes:
-        kind: ``"scale"`` (delta = value / ||v||), ``"fixed"`` (delta = value) or ``"theory"``
-            (delta = 1 / (6 rho alpha ||v||), value = rho).
+        kind: ``"scale"`` (delta = value / ||v||), ``"fixed"`` (delta = value), ``"theory"``
+            (delta = 1 / (6 rho alpha ||v||), value = rho) or ``"smoothing"``
+            (``hvp="gaussian_smoothing"`` with radius mu = value and ``samples`` directions).
         value: The rule's number.
+        samples: The number of directions of a ``"smoothing"`` rule.
     """
 
     kind: str
     value: float
+    samples: int = 0
 
     @property
     def name(self) -> str:
+        if self.kind == "smoothing":
+            return f"smoothing mu={self.value:g} b={self.samples}"
         label = {"scale": "delta_scale", "fixed": "delta", "theory": "theory rho"}[self.kind]
         return f"{label}={self.value:g}"
 
     def algorithm(self, inner_lr: float, inner_steps: int, hessian_batch: str) -> HFMAML:
         """HF-MAML with this rule."""
         common = {"inner_lr": inner_lr, "inner_steps": inner_steps, "hessian_batch": hessian_batch}
+        if self.kind == "smoothing":
+            return HFMAML(
+                **common,
+                hvp="gaussian_smoothing",
+                smoothing_radius=self.value,
+                smoothing_samples=self.samples,
+            )
         if self.kind == "scale":
             return HFMAML(**common, delta_scale=self.value)
         if self.kind == "fixed":
@@ -149,11 +168,18 @@ class Rule:
         return HFMAML(**common, delta="theory", rho=self.value)
 
 
-def rules_from(scales: Sequence[float], fixed: Sequence[float], rho: float | None) -> list[Rule]:
-    """The rules to measure, in the order given."""
+def rules_from(
+    scales: Sequence[float],
+    fixed: Sequence[float],
+    rho: float | None,
+    radii: Sequence[float] = (),
+    samples: Sequence[int] = (),
+) -> list[Rule]:
+    """The rules to measure, in the order given; a smoothing rule for each radius and count."""
     rules = [Rule("scale", c) for c in scales] + [Rule("fixed", d) for d in fixed]
     if rho is not None:
         rules.append(Rule("theory", rho))
+    rules += [Rule("smoothing", mu, b) for b in samples for mu in radii]
     return rules
 
 
@@ -350,10 +376,51 @@ def measure(
             for rule in rules:
                 algorithm = rule.algorithm(inner_lr, steps, hessian_batch)
                 estimate = algorithm.meta_gradient(network, loss_fn, data).grads
-                count = kinks and dtype == torch.float64 and net != "smooth"
+                # The kinks of a finite difference; smoothing has no step to count them along.
+                count = (
+                    kinks
+                    and dtype == torch.float64
+                    and net != "smooth"
+                    and rule.kind != "smoothing"
+                )
                 flips = kink_fractions(network, loss_fn, data, algorithm) if count else None
                 rows.append(_row(where, f"HF-MAML {rule.name}", estimate, exact, flips))
     return rows
+
+
+def time_methods(
+    model: nn.Module,
+    loss_fn: LossFn,
+    tasks: TaskBatch,
+    reference: MetaAlgorithm,
+    rules: Sequence[Rule],
+    repeats: int,
+) -> dict[str, float]:
+    """Milliseconds per meta-gradient of MAML, FO-MAML and each HF-MAML rule on one batch.
+
+    The methods run in turn, ``repeats`` rounds after one warm-up round, and each keeps its
+    fastest round: the machine's other load slows some rounds, and interleaving spreads it over
+    all methods alike.
+    """
+    inner_lr, steps, hessian_batch = (
+        reference.inner_lr,
+        reference.inner_steps,
+        reference.hessian_batch,
+    )
+    methods: dict[str, MetaAlgorithm] = {
+        "MAML (exact)": MAML(inner_lr, steps, hessian_batch),
+        "FO-MAML": FOMAML(inner_lr, steps),
+    }
+    methods |= {f"HF-MAML {r.name}": r.algorithm(inner_lr, steps, hessian_batch) for r in rules}
+    best = dict.fromkeys(methods, math.inf)
+    for round_ in range(repeats + 1):
+        for name, algorithm in methods.items():
+            start = time.perf_counter()
+            algorithm.meta_gradient(model, loss_fn, tasks)
+            elapsed = time.perf_counter() - start
+            if round_:  # the first round warms caches and allocators
+                best[name] = min(best[name], elapsed)
+    return {name: 1000 * seconds for name, seconds in best.items()}
 
 
 def summarize(rows: Sequence[Row]) -> list[dict]:
@@ -374,14 +441,17 @@ def summarize(rows: Sequence[Row]) -> list[dict]:
     return summary
 
 
-def markdown(summary: Sequence[dict]) -> str:
-    """One table per point: a row per method, a column per (net, dtype), then the kink counts."""
+def markdown(summary: Sequence[dict], timings: dict[str, dict[str, float]] | None = None) -> str:
+    """One table per point: a row per method, a column per (net, dtype), then the kink counts
+    and, where ``timings`` has the point, the milliseconds per meta-step."""
     lines = []
+    timings = timings or {}
     for point in dict.fromkeys(s["point"] for s in summary):
         entries = [s for s in summary if s["point"] == point]
         columns = list(dict.fromkeys((s["net"], s["dtype"]) for s in entries))
         methods = list(dict.fromkeys(s["method"] for s in entries))
         by_key = {(s["method"], s["net"], s["dtype"]): s for s in entries}
+        times = timings.get(point, {})
         norm = by_key.get(("FO-MAML", "relu", "float64")) or entries[0]
         lines += [
             f"{point} (||MAML meta-gradient|| {norm['exact_norm']:.3g}, {norm['net']} "
@@ -390,8 +460,9 @@ def markdown(summary: Sequence[dict]) -> str:
             "",
             "| method | "
             + " | ".join(f"{net} {dtype}" for net, dtype in columns)
-            + " | ReLU flips | pool flips |",
-            "| --- " * (len(columns) + 3) + "|",
+            + " | ReLU flips | pool flips |"
+            + (" ms / meta-step |" if times else ""),
+            "| --- " * (len(columns) + 3 + bool(times)) + "|",
         ]
         for method in methods:
             cells = []
@@ -402,6 +473,9 @@ def markdown(summary: Sequence[dict]) -> str:
             relu, pool = flips.get("relu_flips", math.nan), flips.get("pool_flips", math.nan)
             cells.append("" if math.isnan(relu) else f"{relu:.2e}")
             cells.append("" if math.isnan(pool) else f"{pool:.2e}")
+            if times:
+                key = "MAML (exact)" if method == NOISE else method
+                cells.append(f"{times[key]:.0f}" if key in times else "")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -462,6 +536,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rho", type=float, help="also the theorem's delta with this rho")
     parser.add_argument(
+        "--smoothing-radii",
+        nargs="*",
+        type=float,
+        default=[],
+        help="also HF-MAML with Gaussian smoothing at these radii mu (none)",
+    )
+    parser.add_argument(
+        "--smoothing-samples",
+        nargs="+",
+        type=int,
+        default=[8],
+        help="the numbers of directions b of each smoothing radius (8)",
+    )
+    parser.add_argument(
+        "--timing",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time every method's meta-gradient, fastest of N interleaved rounds (0: no)",
+    )
+    parser.add_argument(
         "--dtypes", nargs="+", choices=("float32", "float64"), default=["float32", "float64"]
     )
     parser.add_argument("--nets", nargs="+", choices=NETS, default=list(NETS))
@@ -471,6 +566,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.batches < 1:
         parser.error("--batches must be >= 1")
+    if args.timing < 0:
+        parser.error("--timing must be >= 0")
+    if any(not mu > 0 for mu in args.smoothing_radii):
+        parser.error("--smoothing-radii must be > 0")
+    if any(b < 1 for b in args.smoothing_samples):
+        parser.error("--smoothing-samples must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -484,11 +585,14 @@ def main(argv: list[str] | None = None) -> int:
             overrides += [f"--data.init_args.{key}", str(getattr(args, flag))]
     learner, datamodule = load_recipe(args.config, overrides)
     reference = learner.algorithm
-    rules = rules_from(args.scales, args.fixed, args.rho)
+    rules = rules_from(
+        args.scales, args.fixed, args.rho, args.smoothing_radii, args.smoothing_samples
+    )
     dtypes = [getattr(torch, d) for d in args.dtypes]
     initial = {k: v.clone() for k, v in learner.state_dict().items()}
 
     rows: list[Row] = []
+    timings: dict[str, dict[str, float]] = {}
     for point in args.checkpoints:
         if point == "init":
             state, step = initial, 0
@@ -498,6 +602,11 @@ def main(argv: list[str] | None = None) -> int:
         learner.load_state_dict(state)
         label = f"{Path(point).name} (step {step})" if point != "init" else "init (step 0)"
         batches = training_batches(datamodule, step, args.batches + 1)
+        if args.timing:
+            timings[label] = time_methods(
+                learner.model, learner.loss_fn, batches[0], reference, rules, args.timing
+            )
+            print(f"{label}, timing: {timings[label]}", file=sys.stderr)
         exacts: list[dict[tuple[str, str], Params]] = []
         for b, tasks in enumerate(batches[:-1]):
             start = time.perf_counter()
@@ -528,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
             for (net, dtype), grads in exacts[b + 1].items():
                 rows.append(_row((label, b, dtype, net), NOISE, grads, exacts[b][net, dtype]))
     summary = summarize(rows)
-    print(markdown(summary))
+    print(markdown(summary, timings))
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         result = {
@@ -540,6 +649,7 @@ def main(argv: list[str] | None = None) -> int:
             "hessian_batch": reference.hessian_batch,
             "torch": torch.__version__,
             "summary": summary,
+            "ms_per_meta_step": timings,
             "rows": [asdict(r) for r in rows],
         }
         Path(args.output).write_text(json.dumps(result, indent=1))

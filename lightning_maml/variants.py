@@ -408,6 +408,7 @@ for _variant in (
         speed=(
             SpeedRow("HFMAML", family=False),
             SpeedRow("HFMAML-forward", {"hvp": "forward"}, family=False),
+            SpeedRow("HFMAML-smoothing", {"hvp": "gaussian_smoothing"}, family=False),
         ),
     ),
     Variant(

@@ -282,3 +282,43 @@ def test_script_on_the_sinusoid_recipe(tmp_path):
         if (r["dtype"], r["net"], r["method"]) == ("float64", "gelu", "HF-MAML delta_scale=0.001")
     ]
     assert len(smooth) == 4 and max(smooth) < 1e-5
+
+
+@pytest.mark.slow
+def test_smoothing_rules_rows_kinks_and_timing():
+    batch = tasks64()
+    rules = fidelity.rules_from([0.01], [], None, radii=[1e-3], samples=[2])
+    assert [r.name for r in rules] == ["delta_scale=0.01", "smoothing mu=0.001 b=2"]
+    # On a ReLU net the finite difference's rows count kinks; the smoothing rule has no step to
+    # count them along.
+    rows = fidelity.measure(
+        mlp(nn.ReLU),
+        nn.functional.mse_loss,
+        batch,
+        MAML(ALPHA),
+        rules,
+        dtypes=[torch.float64],
+        nets=["relu"],
+    )
+    fd, smoothing = rows[1:]
+    assert smoothing.method == "HF-MAML smoothing mu=0.001 b=2"
+    assert not math.isnan(fd.relu_flips) and math.isnan(smoothing.relu_flips)
+    # Many directions on a smooth 33-parameter net: close to MAML, far from FO-MAML's error.
+    many = fidelity.rules_from([], [], None, radii=[1e-3], samples=[1000])
+    rows = fidelity.measure(
+        mlp(nn.Tanh),
+        nn.functional.mse_loss,
+        batch,
+        MAML(ALPHA),
+        many,
+        dtypes=[torch.float64],
+        nets=["relu"],
+    )
+    assert rows[1].relative_error < 0.5 * rows[0].relative_error
+
+    model = mlp(nn.Tanh)
+    times = fidelity.time_methods(model, nn.functional.mse_loss, batch, MAML(ALPHA), rules[:1], 1)
+    assert set(times) == {"MAML (exact)", "FO-MAML", "HF-MAML delta_scale=0.01"}
+    assert all(0 < ms < 60_000 for ms in times.values())
+    table = fidelity.markdown(fidelity.summarize(rows), {rows[0].point: times})
+    assert "| ms / meta-step |" in table and "| FO-MAML |" in table
