@@ -292,10 +292,10 @@ def gaussian_smoothing_hvp(
     2002.07836v1; JMLR 2022 as Theoretical Convergence of Multi-Step Model-Agnostic
     Meta-Learning) in its antithetic form. Their text could not be read here beyond the
     abstract; their code (github.com/JunjieYang97/GGS-MAML-DL, ``meta_regression.py`` and
-    ``meta_matrix_rank.py``, ``approx_method="ggs"``; GGS-MAML-RL, ``sample_step_gaus``) takes
-    the one-sided form ``(1 / b) sum_s [grad f(w + mu u_s) - grad f(w)] / mu * <u_s, v>``, with
-    ``u_s ~ N(0, I)`` not normalised and the radius multiplying ``u_s`` as here. The two have the
-    same expectation, exactly and at any radius: the antithetic term for ``u`` is the mean of
+    ``meta_matrix_rank.py``, ``approx_method="ggs"``) takes the one-sided form
+    ``(1 / b) sum_s [grad f(w + mu u_s) - grad f(w)] / mu * <u_s, v>``, with ``u_s ~ N(0, I)``
+    not normalised and the radius multiplying ``u_s`` as here. The two have the same
+    expectation, exactly and at any radius: the antithetic term for ``u`` is the mean of
     the one-sided terms for ``u`` and ``-u``, and ``-u`` has the density of ``u`` (the tests
     check this identity). So each is unbiased for ``hess f_mu(w) v``; the antithetic form drops
     the part of each one-sided term that is odd in ``u`` (mean zero, variance ``O(mu^2)``) and
