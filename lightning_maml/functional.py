@@ -282,15 +282,29 @@ def gaussian_smoothing_hvp(
     form), so the estimate is unbiased for a quadratic ``f`` at any radius and off by
     ``O(mu^2)`` for a smooth one. A ReLU network's ``f_mu`` is smooth, its Hessian the kinks'
     curvature in expectation; but each pair ``w +- mu u_s`` that straddles a kink still carries
-    the gradient's jump divided by ``2 mu``, so that small radii are noisy there. For a quadratic the term is exactly ``H u_s <u_s, v>``, whose covariance
-    is ``H (||v||^2 I + v v^T) H``: the variance grows with the Hessian's Frobenius norm, that is
+    the gradient's jump divided by ``2 mu``, so that small radii are noisy there. For a
+    quadratic the term is exactly ``H u_s <u_s, v>``, whose covariance is
+    ``H (||v||^2 I + v v^T) H``: the variance grows with the Hessian's Frobenius norm, that is
     with the number of parameters it acts on, and falls as ``1 / b``.
 
-    This is the gradient-based Gaussian-smoothing idea of Ji, Yang and Liang (Theoretical
-    Convergence of Multi-Step Model-Agnostic Meta-Learning, JMLR 2022) in its standard
-    antithetic form. It costs ``2 b`` first-order gradients and no second-order graph; the
-    gradients are evaluated in the parameters' precision even under mixed-precision autocast,
-    as in :func:`finite_difference_hvp`.
+    This is the gradient-based Gaussian-smoothing (GGS) estimator of Ji, Yang and Liang
+    (Multi-Step Model-Agnostic Meta-Learning: Convergence and Improved Algorithms, arXiv
+    2002.07836v1; JMLR 2022 as Theoretical Convergence of Multi-Step Model-Agnostic
+    Meta-Learning) in its antithetic form. Their text could not be read here beyond the
+    abstract; their code (github.com/JunjieYang97/GGS-MAML-DL, ``meta_regression.py`` and
+    ``meta_matrix_rank.py``, ``approx_method="ggs"``) takes the one-sided form
+    ``(1 / b) sum_s [grad f(w + mu u_s) - grad f(w)] / mu * <u_s, v>``, with ``u_s ~ N(0, I)``
+    not normalised and the radius multiplying ``u_s`` as here. The two have the same
+    expectation, exactly and at any radius: the antithetic term for ``u`` is the mean of
+    the one-sided terms for ``u`` and ``-u``, and ``-u`` has the density of ``u`` (the tests
+    check this identity). So each is unbiased for ``hess f_mu(w) v``; the antithetic form drops
+    the part of each one-sided term that is odd in ``u`` (mean zero, variance ``O(mu^2)``) and
+    does not need ``grad f(w)``, at ``2 b`` gradients against ``b + 1``. One more difference:
+    their code draws the directions once per run and reuses them at every meta-iteration; here
+    the caller draws fresh ones per task, inner step and training step. It costs ``2 b``
+    first-order gradients and no second-order graph; the gradients are evaluated in the
+    parameters' precision even under mixed-precision autocast, as in
+    :func:`finite_difference_hvp`.
 
     Args:
         task: The model and loss ``f``.

@@ -33,9 +33,11 @@ __all__ = ["HFMAML"]
 
 #: delta = DEFAULT_DELTA_SCALE / ||v|| when no rule is given.
 DEFAULT_DELTA_SCALE = 0.01
-#: The smoothing radius mu of hvp="gaussian_smoothing" when none is given.
+#: The smoothing radius mu of hvp="gaussian_smoothing" when none is given (the authors' code's
+#: approx_delta default; see HFMAML).
 DEFAULT_SMOOTHING_RADIUS = 1e-2
-#: The number of directions b of hvp="gaussian_smoothing" when none is given.
+#: The number of directions b of hvp="gaussian_smoothing" when none is given (this project's
+#: choice; their code takes 10 one-sided directions: see HFMAML).
 DEFAULT_SMOOTHING_SAMPLES = 8
 #: The prefix of the drawn directions among a task's tensors (they are vmapped with the task).
 NOISE_KEY = "gaussian_smoothing/"
@@ -88,15 +90,22 @@ class HFMAML(MetaAlgorithm):
     directions ``u_s ~ N(0, I)`` over all parameters and the radius ``mu``,
     ``d_j = (1 / b) sum_s [grad f_i(w_j + mu u_s) - grad f_i(w_j - mu u_s)] / (2 mu) * <u_s, g>``,
     an unbiased estimate of the product with the Hessian of the smoothed loss
-    ``E f_i(w + mu u)`` (:func:`~lightning_maml.functional.gaussian_smoothing_hvp`; the standard
-    antithetic form of their gradient-based estimator). The estimate is random, with a variance
+    ``E f_i(w + mu u)`` (:func:`~lightning_maml.functional.gaussian_smoothing_hvp`: the
+    antithetic form of their gradient-based estimator, whose expectation is exactly that of the
+    one-sided form ``[grad f_i(w_j + mu u_s) - grad f_i(w_j)] / mu * <u_s, g>`` of the authors'
+    code). The estimate is random, with a variance
     that grows with the Hessian's Frobenius norm (with the number of parameters) and falls as
     ``1 / b``; in a ReLU network each pair that straddles a kink still carries the gradient's
     jump divided by ``2 mu``. It suits small models: on the image recipes'
     conv nets the error of a few directions is many times the meta-gradient, far beyond the
     finite difference's (``benchmarks/README.md``, "Gaussian smoothing"). The defaults
-    ``mu = 1e-2``, ``b = 8`` are this project's choice from those measurements, not values
-    from the paper. Each task and inner step draws its own directions from a
+    ``mu = 1e-2``, ``b = 8`` are this project's choice from those measurements. Ji et al.'s
+    text could not be read here beyond the abstract, so no value from their analysis is used;
+    the authors' code for the paper's experiments has the defaults ``approx_delta = 1e-2`` (the
+    radius, as ``mu`` here) and ``gaus_num = 10`` (directions of the one-sided form, 10
+    gradients beside the inner step's own; GGS-MAML-DL ``regression_train.py`` and
+    ``matrix_rank_train.py``, GGS-MAML-RL ``main.py``). The radius is theirs; ``b = 8`` costs 16
+    gradients. Each task and inner step draws its own directions from a
     ``torch.Generator`` seeded from ``seed`` and, in training, the global step (and the
     process's rank under DDP), so that a run, and a run resumed from a checkpoint, draws the
     same directions. The directions of a chunk of tasks are drawn before it runs:
@@ -121,10 +130,10 @@ class HFMAML(MetaAlgorithm):
         constants: The theory's shared constants (the 6 of ``delta="theory"``), Fallah et al.
             2020's by default (:data:`~lightning_maml.theory.constants.SHARED`).
         smoothing_radius: The radius ``mu`` of ``hvp="gaussian_smoothing"`` (> 0; default
-            ``1e-2``): the perturbation ``mu u`` has a norm of about ``mu`` times the square root
-            of the number of parameters.
+            ``1e-2``, as in the authors' code): the perturbation ``mu u`` has a norm of about
+            ``mu`` times the square root of the number of parameters.
         smoothing_samples: The number of directions ``b`` of ``hvp="gaussian_smoothing"``
-            (>= 1; default 8).
+            (>= 1; default 8, this project's choice; the authors' code takes 10 one-sided).
         seed: Seeds the directions of ``hvp="gaussian_smoothing"``.
 
     References:
@@ -132,7 +141,9 @@ class HFMAML(MetaAlgorithm):
         Model-Agnostic Meta-Learning Algorithms. AISTATS 2020 (Section 6, HF-MAML).
         B. A. Pearlmutter. Fast Exact Multiplication by the Hessian. Neural Computation 1994.
         K. Ji, J. Yang, Y. Liang. Theoretical Convergence of Multi-Step Model-Agnostic
-        Meta-Learning. JMLR 2022 (arXiv 2002.07836; Hessian-free MAML by Gaussian smoothing).
+        Meta-Learning. JMLR 2022 (arXiv 2002.07836; Hessian-free MAML by Gaussian smoothing in
+        v1, Multi-Step Model-Agnostic Meta-Learning: Convergence and Improved Algorithms).
+        Code: github.com/JunjieYang97/GGS-MAML-DL and GGS-MAML-RL.
     """
 
     def __init__(

@@ -16,7 +16,8 @@ refused, with the inner_lr that would reach it.
 
 With N inner steps (``inner_steps``) the inner_lr range, the step size and the iteration bound
 take the multi-step factors of :mod:`lightning_maml.theory.multistep` (after Ji, Yang, Liang
-2022; read its list of what was checked and what was not); N = 1 is the plan above exactly.
+2022, whose abstracts fix the 1/N inner step size and a cost linear in N; the constants are this
+project's, as that module says); N = 1 is the plan above exactly.
 
 :func:`compute_plan` does the arithmetic and returns the numbers (:class:`VariantPlan`);
 :func:`explain_plan`, :func:`format_plan` and :func:`explain_refusal` turn them into the text

@@ -1,8 +1,16 @@
-"""The N-step planner and step size against hand computations; N = 1 is the one-step plan."""
+"""The N-step planner and step size against hand computations; N = 1 is the one-step plan.
+
+What Ji, Yang and Liang (JMLR 2022) could be read for here is their abstracts only (the theorem
+statements were not reachable; see :mod:`lightning_maml.theory.multistep`), so the tests against
+the paper check the two claims the abstracts make, written out here independently of the module:
+the inner step size inversely proportional to N, and a complexity linear in N at such a step
+size. The constants are checked against hand computations of this project's formulas.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -27,6 +35,37 @@ def test_the_factors_by_hand():
     assert hessian_chain_factor(2) == pytest.approx(2 * 1.5**3)  # 6.75
     assert hessian_chain_factor(5) == pytest.approx(5 * 1.2**12)
     assert inner_lr_bound(1 / 6, 4.0, 5) == pytest.approx(1 / 120)
+
+
+@pytest.mark.parametrize("constants", [MAML_CONSTANTS, HFMAML_CONSTANTS])
+def test_inner_lr_bound_is_inversely_proportional_to_n(constants):
+    # Ji et al. 2022, JMLR abstract: "an inner-stage stepsize needs to be chosen inversely
+    # proportional to the number N of inner-stage steps". N = 1 is Fallah et al.'s bound.
+    one = compute_plan(constants, inner_lr=0.01, eps=2.0, **SETTING).inner_lr_max
+    assert one == constants.inner_lr_factor / SETTING["L"]
+    for n in (2, 3, 10, 64):
+        plan = compute_plan(constants, inner_lr=0.01, eps=2.0, inner_steps=n, **SETTING)
+        assert plan.inner_lr_max == pytest.approx(one / n)
+
+
+def test_complexity_is_linear_in_n_at_the_largest_inner_lr():
+    # Ji, Yang and Liang, arXiv 2002.07836v2 abstract: "N-step MAML attains the convergence with
+    # linearly increasing complexity with N under a properly chosen inner stepsize". With
+    # alpha = 1 / (N L) the planned iterations stay below an N-free bound, so N inner gradients
+    # per task and iteration cost O(N). The bound, written out: (1 + 1/N)^(2N) < e^2 and
+    # N (1 + 1/N)^(3(N - 1)) alpha < e^3 / L in the iteration formula of the one-step plan
+    # (Delta (L + rho alpha (sigma + eps)) / eps^2, Fallah et al. 2020).
+    L, rho, sigma, eps = SETTING["L"], SETTING["rho"], SETTING["sigma"], 2.0
+    bound = (math.e**2 / 4 * L + math.e**3 * rho / L * (sigma + eps)) / eps**2
+    iterations = []
+    for n in (1, 2, 5, 10, 100, 1000):
+        alpha = MAML_CONSTANTS.inner_lr_factor / (n * L)
+        plan = compute_plan(MAML_CONSTANTS, inner_lr=alpha, eps=eps, inner_steps=n, **SETTING)
+        assert plan.raw_iterations < bound
+        iterations.append(plan.raw_iterations)
+    # Bounded, and settling: from N = 100 to 1000 the count changes by under 5 %, so the cost
+    # N * iterations grows like N.
+    assert iterations[-1] == pytest.approx(iterations[-2], rel=0.05)
 
 
 def test_n_step_plan_against_a_hand_computation():
