@@ -1,8 +1,8 @@
 """How many threads torch computes with, and whether the cores this process may use can carry them.
 
-By default torch starts one intra-op thread per core of the machine. Two runs that share a CPU
-then spin their threads against each other: two sinusoid runs at once took five times as long
-as one alone, and no time more than one alone when each had one thread (issue #22). Small
+By default torch starts one intra-op thread per core of the machine. Runs that share a CPU
+then spin their threads against each other and each slows several-fold, where with one thread
+each they would hardly slow at all (issue #22; ``benchmarks/concurrency.py`` measures it). Small
 models such as the sinusoid MLP gain nothing from a second thread, so their recipes set
 ``threads: 1``; :func:`warn_if_oversubscribed` says so when a run asks for more threads than
 the cores it may use (its CPU affinity and its cgroup's CPU quota), or when the machine's
