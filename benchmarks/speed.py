@@ -488,10 +488,10 @@ def main(argv: list[str] | None = None) -> None:
             if args.trainer:
                 for variant in [v for v in args.variants if v not in LOOPS]:
                     t = measure_trainer(args, variant, steps)
-                    overhead = t["trainer_ms"] / t["direct_ms"] - 1
+                    ratio = t["trainer_ms"] / t["direct_ms"]
                     print(
-                        f"  Trainer loop {variant}: {t['trainer_ms']:.1f} ms vs direct "
-                        f"{t['direct_ms']:.1f} ms ({overhead:+.0%})"
+                        f"  Trainer loop {variant}: {t['trainer_ms']:.2f} ms vs direct "
+                        f"{t['direct_ms']:.2f} ms: {ratio:.2f}x ({ratio - 1:+.0%})"
                     )
                     rows.append(t)
     if args.output:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
 
 from lightning_maml.checks import check_int
 from lightning_maml.datamodules.base import MetaDataModule, Task
+from lightning_maml.tasks import TaskBatch
 
 __all__ = ["SinusoidDataModule", "SinusoidTasks"]
 
@@ -42,18 +44,49 @@ class SinusoidTasks:
         self.input_range = input_range
 
     def __call__(self, rng: np.random.Generator, split: str) -> Task:
-        amplitude = rng.uniform(*self.amplitude_range)
-        phase = rng.uniform(*self.phase_range)
-        counts = [self.shots, self.query_shots, self.hessian_shots]
-        x = torch.from_numpy(
-            rng.uniform(*self.input_range, size=(sum(counts), 1)).astype(np.float32)
-        )
-        y = amplitude * torch.sin(x - phase)
-        support_x, query_x, hessian_x = torch.split(x, counts)
-        support_y, query_y, hessian_y = torch.split(y, counts)
+        x, y = self._points(rng.random((1, self._draws)))
+        support_x, query_x, hessian_x = torch.split(x[0], self._counts)
+        support_y, query_y, hessian_y = torch.split(y[0], self._counts)
         if not self.hessian_shots:
             return Task(support_x, support_y, query_x, query_y)
         return Task(support_x, support_y, query_x, query_y, hessian_x, hessian_y)
+
+    def draw_batch(self, split: str, keys: Iterable[Sequence[int]]) -> TaskBatch:
+        """One task per key, the tasks :meth:`__call__` draws from ``default_rng(key)``, batched.
+
+        Each task's numbers still come from its own generator, so the tasks are the same, bit
+        for bit; the arithmetic and the stacking are done once for the whole meta-batch.
+        """
+        draws = np.stack([np.random.default_rng(list(key)).random(self._draws) for key in keys])
+        x, y = self._points(draws)
+        support_x, query_x, hessian_x = torch.split(x, self._counts, dim=1)
+        support_y, query_y, hessian_y = torch.split(y, self._counts, dim=1)
+        if not self.hessian_shots:
+            return TaskBatch(support_x, support_y, query_x, query_y)
+        return TaskBatch(support_x, support_y, query_x, query_y, hessian_x, hessian_y)
+
+    @property
+    def _counts(self) -> list[int]:
+        return [self.shots, self.query_shots, self.hessian_shots]
+
+    @property
+    def _draws(self) -> int:
+        # Amplitude, phase, then the inputs: the order in which Generator.uniform drew them
+        # before tasks were batched (uniform(low, high) is low + (high - low) * random()), so
+        # every seed keeps its tasks.
+        return 2 + sum(self._counts)
+
+    def _points(self, draws: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets ``(tasks, points, 1)`` from one row of uniform draws per task."""
+
+        def scale(u: np.ndarray, bounds: tuple[float, float]) -> torch.Tensor:
+            low, high = bounds
+            return torch.from_numpy((low + (high - low) * u).astype(np.float32))
+
+        amplitude = scale(draws[:, 0], self.amplitude_range)[:, None, None]
+        phase = scale(draws[:, 1], self.phase_range)[:, None, None]
+        x = scale(draws[:, 2:], self.input_range).unsqueeze(-1)
+        return x, amplitude * torch.sin(x - phase)
 
 
 class SinusoidDataModule(MetaDataModule):

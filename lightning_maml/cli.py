@@ -30,6 +30,7 @@ from lightning_maml.subcommands import (
     label_untrained,
     warn_if_untrained,
 )
+from lightning_maml.threads import set_threads
 from lightning_maml.wandb_connection import default_wandb_offline, finish_wandb_runs
 
 __all__ = ["MetaCLI", "main"]
@@ -91,6 +92,35 @@ class MetaCLI(LightningCLI):
         kwargs.setdefault("save_config_callback", RunConfigToWandb)
         kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(MetaLearner, LightningDataModule, *args, **kwargs)
+
+    @override
+    def add_arguments_to_parser(self, parser) -> None:
+        # Top level, beside seed_everything: it must take effect before the model is built.
+        parser.add_argument(
+            "--threads",
+            type=int | None,
+            default=None,
+            help=(
+                "Intra-op threads torch computes with (default: torch's, one per core). Runs "
+                "that share a CPU should each take fewer than its cores; small models such as "
+                "the sinusoid MLP run fastest on 1."
+            ),
+        )
+
+    @override
+    def before_instantiate_classes(self) -> None:
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        threads = config.get("threads")
+        if threads is None:
+            return
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(
+                f"threads must be a positive integer (torch's intra-op threads), got "
+                f"{threads!r}: set `threads: 1` in the config or pass --threads 1, or leave it "
+                "out for torch's default of one per core."
+            )
+        set_threads(threads)
 
     @staticmethod
     @override

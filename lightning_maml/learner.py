@@ -24,6 +24,7 @@ from lightning_maml.metrics import classification_accuracy
 from lightning_maml.process_group import destroy_process_group_at_exit
 from lightning_maml.targets import check_batch, check_hessian_shots
 from lightning_maml.tasks import TaskBatch
+from lightning_maml.threads import warn_if_oversubscribed
 
 __all__ = ["MetaLearner"]
 
@@ -148,6 +149,8 @@ class MetaLearner(LightningModule):
         warnings.filterwarnings("ignore", REDUCED_METRICS_ADVICE, PossibleUserWarning)
         self.eval_metrics.reset()
         destroy_process_group_at_exit()
+        # Each process's own threads: ranks and runs that share cores slow each other several-fold.
+        warn_if_oversubscribed()
         # Fail before the first step on a model or datamodule the algorithm cannot use.
         self.algorithm.check_model(self.model)
         check_hessian_shots(

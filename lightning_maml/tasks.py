@@ -193,9 +193,15 @@ class TaskBatch:
 def draw_tasks(sampler: TaskSampler, split: str, keys: Iterable[Sequence[int]]) -> TaskBatch:
     """One task per key, drawn from ``default_rng(key)`` by ``sampler``, stacked in key order.
 
+    A sampler with a ``draw_batch(split, keys)`` method is handed all the keys at once: it
+    must return the same tasks, and can draw them faster than one call per task.
+
     Args:
         sampler: Draws one task of ``split``.
         split: ``"train"``, ``"val"`` or ``"test"``: whose classes or task family to draw from.
         keys: Each task's key, ``[seed, STREAMS[user], ...]``.
     """
+    draw_batch = getattr(sampler, "draw_batch", None)
+    if draw_batch is not None:
+        return draw_batch(split, keys)
     return TaskBatch.of([sampler(np.random.default_rng(list(key)), split) for key in keys])

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from lightning_maml.datamodules.omniglot import _locate as locate_omniglot
 
@@ -49,3 +50,11 @@ def omniglot_root() -> Path:
 def _quiet_lightning(monkeypatch):
     # The tip about litlogger and the GPU/TPU banner add nothing to test logs.
     monkeypatch.setenv("LIGHTNING_DISABLE_TIPS", "1")
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    # `threads:` in a recipe and --threads set torch's threads for the whole process.
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -454,6 +454,8 @@ def plan_config(
     model = {key: value for key, value in recipe["model"].items() if value is not None}
     return {
         "seed_everything": recipe.get("seed_everything") or 0,
+        # The task families' small models run fastest on one thread, and side by side.
+        "threads": 1,
         "trainer": {
             "max_steps": steps,
             "limit_val_batches": 0,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -11,6 +12,8 @@ from torch.utils.data import DataLoader
 from lightning_maml import TaskBatch
 from lightning_maml.datamodules import SinusoidDataModule
 from lightning_maml.datamodules.base import EvalTaskSet, TrainTaskStream
+from lightning_maml.datamodules.sinusoid import SinusoidTasks
+from lightning_maml.tasks import STREAMS, Task
 
 
 def stream(dm: SinusoidDataModule, rank: int = 0, world_size: int = 1, start: int = 0):
@@ -126,3 +129,41 @@ def test_meta_batch_must_divide_over_processes():
     dm = SinusoidDataModule(meta_batch_size=5)
     with pytest.raises(ValueError, match="must divide evenly over 2 processes"):
         stream(dm, rank=0, world_size=2)
+
+
+def release_task(rng: np.random.Generator, tasks: SinusoidTasks) -> Task:
+    """The sampler as released before meta-batches were drawn together: the reference."""
+    amplitude = rng.uniform(*tasks.amplitude_range)
+    phase = rng.uniform(*tasks.phase_range)
+    counts = [tasks.shots, tasks.query_shots, tasks.hessian_shots]
+    x = torch.from_numpy(rng.uniform(*tasks.input_range, size=(sum(counts), 1)).astype(np.float32))
+    y = amplitude * torch.sin(x - phase)
+    support_x, query_x, hessian_x = torch.split(x, counts)
+    support_y, query_y, hessian_y = torch.split(y, counts)
+    if not tasks.hessian_shots:
+        return Task(support_x, support_y, query_x, query_y)
+    return Task(support_x, support_y, query_x, query_y, hessian_x, hessian_y)
+
+
+@pytest.mark.parametrize("hessian_shots", [0, 3])
+def test_batched_draws_are_the_released_tasks_bit_for_bit(hessian_shots):
+    dm = SinusoidDataModule(shots=5, query_shots=7, hessian_shots=hessian_shots, meta_batch_size=8)
+    sampler = dm.task_sampler("train")
+    for rank, world_size in [(0, 1), (1, 2)]:
+        train = stream(dm, rank, world_size)
+        for step in [0, 1, 17, 9999]:
+            local = dm.meta_batch_size // world_size
+            first = rank * local
+            keys = [[dm.seed, STREAMS["train"], step, t] for t in range(first, first + local)]
+            expected = TaskBatch.of([release_task(np.random.default_rng(k), sampler) for k in keys])
+            assert_same(train.batch(step), expected)
+    val = dm.eval_set("val")[2]
+    keys = [[dm.seed, STREAMS["val"], i] for i in range(16, 24)]
+    assert_same(val, TaskBatch.of([release_task(np.random.default_rng(k), sampler) for k in keys]))
+
+
+def test_one_task_at_a_time_equals_the_batch():
+    sampler = SinusoidTasks(shots=3, query_shots=4, hessian_shots=2)
+    keys = [[5, STREAMS["test"], i] for i in range(6)]
+    one_by_one = TaskBatch.of([sampler(np.random.default_rng(k), "test") for k in keys])
+    assert_same(sampler.draw_batch("test", keys), one_by_one)

@@ -218,6 +218,7 @@ def test_the_sinusoid_path_plans_and_fits_the_recipe_it_estimated(tmp_path, capf
         assert config["model"]["model"]["class_path"] == "lightning_maml.models.MLP"
         assert config["model"]["model"]["init_args"]["hidden"] == 40
         assert config["data"]["class_path"] == "lightning_maml.datamodules.SinusoidDataModule"
+        assert config["threads"] == 1  # the small models run side by side without fighting
         monitor = config["trainer"]["callbacks"][1]["init_args"]
         assert monitor["sampler"]["class_path"] == "lightning_maml.datamodules.SinusoidTasks"
         assert monitor["sampler"]["init_args"]["amplitude_range"] == [0.1, 5.0]
