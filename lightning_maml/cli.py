@@ -121,6 +121,9 @@ class MetaCLI(LightningCLI):
                 "out for torch's default of one per core."
             )
         set_threads(threads)
+        # Processes this run starts (ddp_spawn ranks, spawned workers) read their threads from
+        # the environment when torch starts in them, not from this process's setting.
+        os.environ["OMP_NUM_THREADS"] = str(threads)
 
     @staticmethod
     @override

@@ -31,10 +31,9 @@ __all__ = [
     "warn_if_oversubscribed",
 ]
 
-#: Where the cgroup CPU quota is, under cgroup v2 (one file) and v1 (quota and period).
-CGROUP_V2_MAX = Path("/sys/fs/cgroup/cpu.max")
-CGROUP_V1_QUOTA = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
-CGROUP_V1_PERIOD = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
+#: Where cgroups are mounted, and where a process's own cgroup is named.
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_SELF_CGROUP = Path("/proc/self/cgroup")
 
 #: How to lower the threads, for the messages.
 ADVICE = (
@@ -59,22 +58,8 @@ def set_threads(threads: int) -> None:
         torch.set_num_interop_threads(threads)
 
 
-def cgroup_cpu_limit(
-    v2_max: Path = CGROUP_V2_MAX,
-    v1_quota: Path = CGROUP_V1_QUOTA,
-    v1_period: Path = CGROUP_V1_PERIOD,
-) -> float | None:
-    """The CPUs' worth of time this process's cgroup may use per period, or None if unlimited.
-
-    cgroup v2 writes ``"<quota> <period>"`` (quota ``max`` when unlimited) in ``cpu.max``; v1
-    writes the quota (``-1`` when unlimited) and the period in two files. A file that is missing
-    or unreadable counts as no limit.
-
-    Args:
-        v2_max: cgroup v2's ``cpu.max``.
-        v1_quota: cgroup v1's ``cpu.cfs_quota_us``.
-        v1_period: cgroup v1's ``cpu.cfs_period_us``.
-    """
+def _read_limit(v2_max: Path, v1_quota: Path, v1_period: Path) -> float | None:
+    """One cgroup's quota in CPUs from its files, None if unlimited, missing or unreadable."""
     try:
         quota, period = v2_max.read_text().split()[:2]
     except (OSError, ValueError):
@@ -89,6 +74,57 @@ def cgroup_cpu_limit(
     if limit <= 0 or length <= 0:
         return None
     return limit / length
+
+
+def _own_cgroups(root: Path, proc_cgroup: Path) -> list[tuple[Path, Path, Path]]:
+    """The (v2 cpu.max, v1 quota, v1 period) files of this process's cgroup and its ancestors.
+
+    ``/proc/self/cgroup`` names the cgroup as ``0::/path`` (v2) or ``N:cpu,cpuacct:/path`` (v1);
+    a quota set on any ancestor limits the process too, so every level up to the root counts.
+    In a container whose cgroup namespace hides the path, the path is ``/`` and the root's
+    files are its own.
+    """
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        lines = []
+    v2_path, v1_path = "/", "/"
+    for line in lines:
+        _, controllers, path = [*line.split(":", 2), "", ""][:3]
+        if controllers == "":
+            v2_path = path or "/"
+        elif "cpu" in controllers.split(","):
+            v1_path = path or "/"
+    levels: list[tuple[Path, Path, Path]] = []
+    v2_dir = root / v2_path.lstrip("/")
+    v1_dir = root / "cpu" / v1_path.lstrip("/")
+    while True:
+        levels.append(
+            (v2_dir / "cpu.max", v1_dir / "cpu.cfs_quota_us", v1_dir / "cpu.cfs_period_us")
+        )
+        if v2_dir == root and v1_dir == root / "cpu":
+            return levels
+        v2_dir = v2_dir.parent if v2_dir != root else v2_dir
+        v1_dir = v1_dir.parent if v1_dir != root / "cpu" else v1_dir
+
+
+def cgroup_cpu_limit(
+    root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_SELF_CGROUP
+) -> float | None:
+    """The CPUs' worth of time this process's cgroup may use per period, or None if unlimited.
+
+    cgroup v2 writes ``"<quota> <period>"`` (quota ``max`` when unlimited) in ``cpu.max``; v1
+    writes the quota (``-1`` when unlimited) and the period in two files. The process's own
+    cgroup and each ancestor are read (the tightest quota wins); a file that is missing or
+    unreadable counts as no limit.
+
+    Args:
+        root: Where cgroups are mounted (``/sys/fs/cgroup``; v1's CPU controller under ``cpu/``).
+        proc_cgroup: The file that names this process's cgroup (``/proc/self/cgroup``).
+    """
+    limits = [_read_limit(*files) for files in _own_cgroups(root, proc_cgroup)]
+    known = [limit for limit in limits if limit is not None]
+    return min(known) if known else None
 
 
 def usable_cores(

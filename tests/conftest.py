@@ -54,7 +54,13 @@ def _quiet_lightning(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def _restore_threads():
-    # `threads:` in a recipe and --threads set torch's threads for the whole process.
+    # `threads:` in a recipe and --threads set torch's threads for the whole process, and
+    # OMP_NUM_THREADS for the processes it starts.
     threads = torch.get_num_threads()
+    environment = os.environ.get("OMP_NUM_THREADS")
     yield
     torch.set_num_threads(threads)
+    if environment is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = environment

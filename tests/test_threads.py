@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -22,20 +24,29 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 SINUSOID = str(RECIPES / "sinusoid" / "maml.yaml")
 
 
-def cgroup_files(tmp_path: Path, v2: str | None = None, v1: tuple[str, str] | None = None) -> dict:
-    paths = {
-        "v2_max": tmp_path / "cpu.max",
-        "v1_quota": tmp_path / "cpu.cfs_quota_us",
-        "v1_period": tmp_path / "cpu.cfs_period_us",
-    }
+def cgroup_files(
+    tmp_path: Path,
+    v2: str | None = None,
+    v1: tuple[str, str] | None = None,
+    path: str = "/",
+) -> dict:
+    """A cgroup mount under tmp_path with this process in ``path`` (v2 and v1 alike)."""
+    root = tmp_path / "sys"
+    v2_dir = root / path.lstrip("/")
+    v1_dir = root / "cpu" / path.lstrip("/")
+    v2_dir.mkdir(parents=True, exist_ok=True)
+    v1_dir.mkdir(parents=True, exist_ok=True)
     if v2 is not None:
-        paths["v2_max"].write_text(v2)
+        (v2_dir / "cpu.max").write_text(v2)
     if v1 is not None:
-        paths["v1_quota"].write_text(v1[0])
-        paths["v1_period"].write_text(v1[1])
-    return paths
+        (v1_dir / "cpu.cfs_quota_us").write_text(v1[0])
+        (v1_dir / "cpu.cfs_period_us").write_text(v1[1])
+    proc = tmp_path / "proc_self_cgroup"
+    proc.write_text(f"12:cpu,cpuacct:{path}\n0::{path}\n")
+    return {"root": root, "proc_cgroup": proc}
 
 
+@pytest.mark.parametrize("path", ["/", "/user.slice/job.scope"])
 @pytest.mark.parametrize(
     ("v2", "v1", "expected"),
     [
@@ -47,8 +58,26 @@ def cgroup_files(tmp_path: Path, v2: str | None = None, v1: tuple[str, str] | No
         ("garbage\n", ("50000\n", "100000\n"), 0.5),  # v2 unreadable: v1 is read
     ],
 )
-def test_cgroup_quota_is_read_from_v2_or_v1(tmp_path, v2, v1, expected):
-    assert cgroup_cpu_limit(**cgroup_files(tmp_path, v2, v1)) == expected
+def test_cgroup_quota_is_read_from_v2_or_v1_in_the_process_own_cgroup(
+    tmp_path, v2, v1, path, expected
+):
+    assert cgroup_cpu_limit(**cgroup_files(tmp_path, v2, v1, path)) == expected
+
+
+def test_a_quota_on_an_ancestor_cgroup_limits_the_process(tmp_path):
+    files = cgroup_files(tmp_path, "max 100000\n", path="/machine.slice/job.scope")
+    (files["root"] / "machine.slice" / "cpu.max").write_text("300000 100000\n")
+    assert cgroup_cpu_limit(**files) == 3.0
+    # The tightest level wins.
+    (files["root"] / "machine.slice" / "job.scope" / "cpu.max").write_text("100000 100000\n")
+    assert cgroup_cpu_limit(**files) == 1.0
+
+
+def test_a_quota_on_another_cgroup_does_not_limit_this_process(tmp_path):
+    files = cgroup_files(tmp_path, path="/mine")
+    (files["root"] / "other").mkdir()
+    (files["root"] / "other" / "cpu.max").write_text("50000 100000\n")
+    assert cgroup_cpu_limit(**files) is None
 
 
 def test_usable_cores_are_the_affinity_capped_by_the_quota():
@@ -90,11 +119,6 @@ def test_set_threads_sets_torch_and_refuses_nonsense():
             set_threads(bad)  # type: ignore[arg-type]
 
 
-def test_threads_reset_between_tests_by_conftest():
-    # The autouse fixture restores the count the previous test changed.
-    assert torch.get_num_threads() >= 1
-
-
 def fit_args(tmp_path: Path) -> list[str]:
     return [
         "fit",
@@ -116,6 +140,19 @@ def test_the_sinusoid_recipe_runs_on_one_thread(tmp_path):
     torch.set_num_threads(2)
     assert main(fit_args(tmp_path)) is None
     assert torch.get_num_threads() == 1
+
+
+def test_processes_the_run_starts_inherit_its_threads(tmp_path, monkeypatch):
+    # A spawned DDP rank or worker starts torch afresh: it reads OMP_NUM_THREADS.
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert main([*fit_args(tmp_path), "--threads=1"]) is None
+    child = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert child.stdout.strip() == "1"
 
 
 def test_threads_on_the_command_line_override_the_recipe(tmp_path):
