@@ -20,6 +20,7 @@ RANK = {
     "checks": 0,
     "compat": 0,
     "checkpoint_io": 0,
+    "cpu": 0,
     "functional": 1,
     "metrics": 1,
     "models": 1,
