@@ -11,6 +11,7 @@ import torch
 from lightning_maml import FOMAML, MetaLearner
 from lightning_maml.cpu import cpu_bf16_support, cpu_name, read_cpu_flags, warn_bf16_on_cpu
 from lightning_maml.datamodules import SinusoidDataModule
+from lightning_maml.functional import TaskModel, mse_loss
 from lightning_maml.models import MLP
 
 CPUINFO = """processor\t: 0
@@ -70,3 +71,19 @@ def test_bf16_mixed_trainer_step_runs_and_warns_only_without_native_bf16(recwarn
     assert learner.last_meta_step is not None and torch.isfinite(learner.last_meta_step.loss)
     warned = any("without native bf16" in str(w.message) for w in recwarn)
     assert warned is not cpu_bf16_support()
+
+
+def test_the_inner_loop_runs_in_fp32_under_bf16_autocast():
+    # bf16 inner gradients turned the conv net's meta-gradient (cosine 0.98 to fp32's); the
+    # query passes alone take bf16.
+    torch.manual_seed(0)
+    task = TaskModel(MLP(), mse_loss)
+    x, y = torch.randn(10, 1), torch.randn(10, 1)
+    step_sizes = [dict.fromkeys(task.params(), 0.1)] * 2
+    exact, _ = task.adapt(task.params(), x, y, step_sizes)
+    with torch.autocast("cpu", torch.bfloat16):
+        mixed, _ = task.adapt(task.params(), x, y, step_sizes)
+        assert task.predict(mixed, x).dtype == torch.bfloat16
+    for n, w in exact.items():
+        assert mixed[n].dtype == torch.float32
+        torch.testing.assert_close(mixed[n], w, rtol=0, atol=0)
