@@ -5,9 +5,11 @@ the meta-gradient of MAML or FO-MAML in fp32 and under a bf16 policy from the sa
 and reports the cosine between the two (mean and minimum over batches) and the time of a
 meta-step against fp32's, measured interleaved in one process (the fastest of the rounds).
 
-The policies (where bf16 autocast is on, as ``precision="bf16-mixed"`` turns it on):
+The policies (where bf16 autocast is on):
 
-- ``all``: every forward pass (what ``bf16-mixed`` does);
+- ``mixed``: the meta-step under autocast, as ``precision="bf16-mixed"`` runs it (the library
+  keeps the inner loop in fp32: the same passes as ``outer``);
+- ``all``: every forward pass, the inner loop's included;
 - ``outer``: the query passes only (the inner loop, its gradient and Hessian terms in fp32);
 - ``inner``: the support passes only (the query loss and its backward in fp32);
 - ``conv``: every pass, with each convolution's output cast back to fp32 (BatchNorm, pooling,
@@ -44,7 +46,7 @@ from lightning_maml.cpu import cpu_bf16_support, cpu_name
 from lightning_maml.datamodules.omniglot import OmniglotDataModule
 from lightning_maml.models import ConvNet
 
-POLICIES = ("all", "outer", "inner", "conv")
+POLICIES = ("mixed", "all", "outer", "inner", "conv")
 ALGORITHMS = {"MAML": MAML, "FOMAML": FOMAML}
 
 
@@ -53,7 +55,8 @@ class BF16Policy(nn.Module):
 
     Args:
         net: The conv net.
-        policy: One of :data:`POLICIES`, or ``"fp32"`` for none.
+        policy: One of :data:`POLICIES`, or ``"fp32"`` for none (``"mixed"`` leaves autocast
+            to the caller).
         support_size: The number of images in a support set.
     """
 
@@ -66,6 +69,8 @@ class BF16Policy(nn.Module):
                     module.register_forward_hook(lambda m, i, out: out.float())
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.policy == "mixed":
+            return self.net(x).float()
         support = x.shape[0] == self.support_size
         on = {"fp32": False, "all": True, "conv": True, "outer": not support, "inner": support}
         with torch.autocast("cpu", torch.bfloat16, enabled=on[self.policy]):
@@ -80,6 +85,12 @@ def batches(args) -> list[TaskBatch]:
     data.setup("fit")
     loader = iter(data.train_dataloader())
     return [next(loader) for _ in range(args.batches)]
+
+
+def autocast_call(enabled: bool, fn, *args):
+    """``fn(*args)`` under bf16 autocast when ``enabled`` (what a bf16-mixed Trainer does)."""
+    with torch.autocast("cpu", torch.bfloat16, enabled=enabled):
+        return fn(*args)
 
 
 def flat(grads: dict[str, Tensor]) -> Tensor:
@@ -119,7 +130,9 @@ def main(argv: list[str] | None = None) -> None:
                 algorithm = ALGORITHMS[name](0.4, inner_steps=steps)
                 algorithm.bind(model)
                 runs[policy] = functools.partial(
-                    algorithm.meta_gradient, model, nn.functional.cross_entropy
+                    autocast_call,
+                    policy == "mixed",
+                    functools.partial(algorithm.meta_gradient, model, nn.functional.cross_entropy),
                 )
             cosines: dict[str, list[float]] = {p: [] for p in args.policies}
             for batch in tasks:
