@@ -17,7 +17,9 @@ graph kept between steps.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,10 +35,12 @@ __all__ = [
     "TaskModel",
     "Trajectory",
     "backward_recursion",
+    "differentiated_twice",
     "finite_difference_hvp",
     "forward_hvp",
     "gaussian_smoothing_hvp",
     "gradient_and_value",
+    "is_differentiated_twice",
     "map_tasks",
     "mse_loss",
     "pullback",
@@ -48,6 +52,31 @@ Params = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 #: ``hvp(w, v)``: the product of the Hessian at ``w`` (of a loss the rule knows) with ``v``.
 HvpRule = Callable[[Params, Params], Params]
+
+_DIFFERENTIATED_TWICE = contextvars.ContextVar("differentiated_twice", default=False)
+
+
+@contextlib.contextmanager
+def differentiated_twice(active: bool = True) -> Iterator[None]:
+    """Marks the forward passes inside as ones whose gradient will be differentiated again.
+
+    :meth:`TaskModel.adapt` sets it for the inner steps that an outer gradient differentiates
+    through (MAML). A model may choose its memory layout by it
+    (:class:`~lightning_maml.models.ConvNet` stays NCHW there); values do not depend on it.
+
+    Args:
+        active: Whether to mark them (``False``: the context changes nothing).
+    """
+    token = _DIFFERENTIATED_TWICE.set(active or _DIFFERENTIATED_TWICE.get())
+    try:
+        yield
+    finally:
+        _DIFFERENTIATED_TWICE.reset(token)
+
+
+def is_differentiated_twice() -> bool:
+    """Whether the current forward pass is inside :func:`differentiated_twice`."""
+    return _DIFFERENTIATED_TWICE.get()
 
 
 def mse_loss(prediction: Tensor, target: Tensor) -> Tensor:
@@ -220,7 +249,10 @@ class TaskModel:
         # The inner loop runs in the parameters' precision even under mixed-precision
         # autocast: bf16 inner gradients move w_k enough to turn the conv net's meta-gradient
         # (cosine 0.98 to fp32's on Omniglot), and the support set is the small part of the work.
-        with torch.autocast(x.device.type, enabled=False):
+        # Under an outer torch.autograd gradient (the per-task path) the parameters require
+        # grad; unless detached, each inner gradient is then differentiated again.
+        twice = not first_order and any(p.requires_grad for p in params.values())
+        with torch.autocast(x.device.type, enabled=False), differentiated_twice(twice):
             for j, alpha in enumerate(step_sizes):
 
                 def adapted_loss(

@@ -7,6 +7,8 @@ import itertools
 import torch
 from torch import Tensor, nn
 
+from lightning_maml.functional import is_differentiated_twice
+
 __all__ = ["MLP", "ConvNet"]
 
 
@@ -42,9 +44,11 @@ class ConvNet(nn.Module):
     their gradients agree), and the ReLU then runs on a quarter of the elements. On a CPU, a
     forward pass outside ``torch.func`` transforms and ``torch.compile`` (the per-task path
     that ``task_chunk_size="auto"`` takes there for conv nets) runs channels-last, which the
-    CPU's max-pooling, convolutions and BatchNorm are faster in, its double backward included;
-    under ``vmap``, ``torch.compile`` and on accelerators it stays NCHW. Outputs and gradients
-    do not depend on the layout beyond rounding.
+    CPU's max-pooling and convolutions are much faster in; it stays NCHW under ``vmap``,
+    ``torch.compile``, on accelerators, and in the passes whose gradient is differentiated
+    again (:func:`~lightning_maml.functional.differentiated_twice`: MAML's inner steps), where
+    BatchNorm's double backward is slower channels-last. Outputs and gradients do not depend
+    on the layout beyond rounding.
 
     Args:
         in_channels: Image channels (1 for Omniglot, 3 for mini-ImageNet / CIFAR).
@@ -99,6 +103,8 @@ class ConvNet(nn.Module):
             and not torch.compiler.is_compiling()
             # Under vmap the batched convolutions fold the tasks into the batch, NCHW.
             and not torch._C._are_functorch_transforms_active()
+            # BatchNorm's double backward is slower channels-last (MAML's inner steps).
+            and not is_differentiated_twice()
         )
 
     def forward(self, x: Tensor) -> Tensor:

@@ -121,3 +121,21 @@ def test_meta_gradients_equal_the_plain_net(algorithm, chunk):
     for grads in results:
         for n, g in expected.items():
             torch.testing.assert_close(grads[n], g, msg=n)
+
+
+@pytest.mark.parametrize(("algorithm", "inner_layout"), [(MAML, False), (FOMAML, True)])
+def test_layout_per_pass_of_a_meta_step(algorithm, inner_layout):
+    # MAML differentiates its inner steps twice: NCHW there; its query pass, and all of
+    # FO-MAML's passes, channels-last.
+    model, seen = net(True), []
+    model.features[0].register_forward_hook(
+        lambda m, i, o: seen.append(
+            (i[0].shape[0], o.is_contiguous(memory_format=torch.channels_last))
+        )
+    )
+    meta = algorithm(0.1, inner_steps=2)
+    meta.bind(model)
+    t = conv_tasks()
+    one = TaskBatch(t.support_x[:1], t.support_y[:1], t.query_x[:1], t.query_y[:1])
+    meta.meta_gradient(model, nn.functional.cross_entropy, one)
+    assert seen == [(3, inner_layout), (3, inner_layout), (9, True)]
