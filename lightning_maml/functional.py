@@ -57,17 +57,14 @@ _DIFFERENTIATED_TWICE = contextvars.ContextVar("differentiated_twice", default=F
 
 
 @contextlib.contextmanager
-def differentiated_twice(active: bool = True) -> Iterator[None]:
+def differentiated_twice() -> Iterator[None]:
     """Marks the forward passes inside as ones whose gradient will be differentiated again.
 
     :meth:`TaskModel.adapt` sets it for the inner steps that an outer gradient differentiates
     through (MAML). A model may choose its memory layout by it
     (:class:`~lightning_maml.models.ConvNet` stays NCHW there); values do not depend on it.
-
-    Args:
-        active: Whether to mark them (``False``: the context changes nothing).
     """
-    token = _DIFFERENTIATED_TWICE.set(active or _DIFFERENTIATED_TWICE.get())
+    token = _DIFFERENTIATED_TWICE.set(True)
     try:
         yield
     finally:
@@ -251,8 +248,14 @@ class TaskModel:
         # (cosine 0.98 to fp32's on Omniglot), and the support set is the small part of the work.
         # Under an outer torch.autograd gradient (the per-task path) the parameters require
         # grad; unless detached, each inner gradient is then differentiated again.
-        twice = not first_order and any(p.requires_grad for p in params.values())
-        with torch.autocast(x.device.type, enabled=False), differentiated_twice(twice):
+        # (Not traced by torch.compile, under which ConvNet stays NCHW anyway.)
+        twice = (
+            not first_order
+            and not torch.compiler.is_compiling()
+            and any(p.requires_grad for p in params.values())
+        )
+        layout = differentiated_twice() if twice else contextlib.nullcontext()
+        with torch.autocast(x.device.type, enabled=False), layout:
             for j, alpha in enumerate(step_sizes):
 
                 def adapted_loss(
