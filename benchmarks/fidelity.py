@@ -107,6 +107,15 @@ def smooth_copy(model: nn.Module, net: str) -> nn.Module:
     if net == "relu":
         return model
     for module in list(model.modules()):
+        if isinstance(module, nn.Sequential):
+            # ConvNet pools before its ReLU (they commute); a GELU does not commute with
+            # pooling, so the smooth nets take the activation first, as Finn et al.'s blocks do.
+            children = list(module)
+            for i in range(len(children) - 1):
+                if isinstance(children[i], nn.MaxPool2d) and isinstance(children[i + 1], nn.ReLU):
+                    module[i], module[i + 1] = children[i + 1], children[i]
+                    children[i], children[i + 1] = children[i + 1], children[i]
+    for module in list(model.modules()):
         for name, child in module.named_children():
             if isinstance(child, nn.ReLU):
                 setattr(module, name, nn.GELU())

@@ -15,6 +15,15 @@ Usage::
     python benchmarks/speed.py --setup sinusoid --trainer --monitor
     python benchmarks/speed.py --setup omniglot --compile --bf16 --variants MAML FOMAML HFMAML
     python benchmarks/speed.py --setup omniglot --variants family loop-MAML --inner-steps 1 5
+    python benchmarks/speed.py --setup omniglot --meta-batch-size 4 --inner-steps 1 5 \
+        --variants MAML FOMAML loop-MAML loop-FOMAML --threads 1 --roofline --clock cpu
+
+The loop runs on a plain NCHW conv net in the usual block order, as a user would write it
+(``--loop-net plain``), or on the very model the variants use (``--loop-net same``).
+``--roofline`` adds each row's FLOPs per meta-step (``torch.utils.flop_counter``) and achieved
+GFLOP/s, and the machine's own convolution and matmul rates, fp32 and (where the CPU has it
+natively) bf16, measured in the same run. ``--clock cpu`` times with the process's CPU clock,
+which a machine shared with other jobs disturbs less than the wall clock.
 
 The rows are the variants' own, as the registry lists them (``lightning_maml.variants``: a
 registered variant brings its rows), and the two reference loops.
@@ -28,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import functools
 import json
 import os
@@ -43,10 +53,12 @@ import torch
 from lightning.pytorch import Callback
 from torch import nn
 from torch._C._profiler import _EventType
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_maml import MetaAlgorithm, TaskBatch
+from lightning_maml.cpu import cpu_bf16_support, cpu_name
 from lightning_maml.functional import mse_loss
 from lightning_maml.models import MLP, ConvNet
 from lightning_maml.variants import SpeedRow, Variant, variants
@@ -93,6 +105,31 @@ def make_setup(name: str, device: torch.device, meta_batch_size: int | None):
         batch = TaskBatch(x[:, :s], y[:, :s], x[:, s:], y[:, s:])
         return ConvNet(1, ways, 64, 28), nn.functional.cross_entropy, batch.to(device), 0.4
     raise ValueError(f"unknown setup {name!r}: use sinusoid or omniglot")
+
+
+class PlainConvNet(nn.Module):
+    """Finn et al.'s conv net as a user writes it: ``conv - BatchNorm - ReLU - maxpool``
+    blocks, NCHW; the parameters of ``model`` (a :class:`ConvNet`), copied."""
+
+    def __init__(self, model: ConvNet) -> None:
+        super().__init__()
+        blocks = [m for m in model.features if not isinstance(m, nn.ReLU | nn.MaxPool2d)]
+        layers: list[nn.Module] = []
+        for conv, norm in zip(blocks[0:-1:2], blocks[1::2], strict=True):
+            layers += [conv, norm, nn.ReLU(), nn.MaxPool2d(2)]
+        self.features = nn.Sequential(*layers, nn.Flatten())
+        self.classifier = model.classifier
+        self.load_state_dict(copy.deepcopy(model.state_dict()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def loop_model(model: nn.Module, args) -> nn.Module:
+    """The model the loop runs on (``--loop-net``)."""
+    if args.loop_net == "plain" and isinstance(model, ConvNet):
+        return PlainConvNet(model)
+    return model
 
 
 def clone_module(module: nn.Module) -> nn.Module:
@@ -149,7 +186,8 @@ def step_fn(label: str, model, loss_fn, batch, inner_lr, steps, args) -> Callabl
     """One meta-step of row ``label``, ready to be timed."""
     if label in LOOPS:
         first_order = LOOPS[label]
-        step = functools.partial(loop_step, model, loss_fn, batch, inner_lr, steps, first_order)
+        net = loop_model(model, args)
+        step = functools.partial(loop_step, net, loss_fn, batch, inner_lr, steps, first_order)
     else:
         algorithm = make_algorithm(label, inner_lr, steps, args, model)
         algorithm.bind(model)
@@ -191,6 +229,56 @@ def peak_memory_mib(step: Callable[[], None], device: torch.device) -> float:
     return peak / 2**20
 
 
+def clock(args) -> Callable[[], float]:
+    """Seconds by the wall clock or the process's CPU clock (``--clock``)."""
+    return time.process_time if args.clock == "cpu" else time.perf_counter
+
+
+def meta_step_flops(step: Callable[[], None]) -> int:
+    """The floating-point operations of one call of ``step``, as torch.utils.flop_counter
+    counts them (matmuls and convolutions, forward and backward)."""
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def _rate(fn: Callable[[], object], flops: float, args) -> float:
+    """GFLOP/s of ``fn``: the fastest of a few timed calls after a warm-up."""
+    tick = clock(args)
+    for _ in range(3):
+        fn()
+    best = float("inf")
+    for _ in range(max(5, args.repeats)):
+        start = tick()
+        fn()
+        best = min(best, tick() - start)
+    return flops / best / 1e9
+
+
+def machine_rates(args) -> dict[str, float]:
+    """The machine's own convolution and matmul rates, GFLOP/s, fp32 and (where native) bf16.
+
+    The convolution has the shape of the Omniglot net's second layer on a query set (75
+    images, 64 -> 64 channels, 3x3, 14x14); the matmul is 1024 x 1024 x 1024.
+    """
+    device = torch.device(args.device)
+    rates = {}
+    dtypes = [torch.float32]
+    if device.type != "cpu" or cpu_bf16_support():
+        dtypes.append(torch.bfloat16)
+    for dtype in dtypes:
+        name = "fp32" if dtype == torch.float32 else "bf16"
+        x = torch.randn(75, 64, 14, 14, device=device, dtype=dtype)
+        w = torch.randn(64, 64, 3, 3, device=device, dtype=dtype)
+        conv_flops = 2 * 75 * 64 * 14 * 14 * 64 * 9
+        rates[f"conv_{name}"] = _rate(
+            lambda x=x, w=w: (nn.functional.conv2d(x, w, padding=1), sync(device)), conv_flops, args
+        )
+        a = torch.randn(1024, 1024, device=device, dtype=dtype)
+        rates[f"matmul_{name}"] = _rate(lambda a=a: (a @ a, sync(device)), 2 * 1024**3, args)
+    return rates
+
+
 def measure_block(args, variants: list[str], steps: int) -> list[dict]:
     """Times every variant at ``steps`` inner steps in interleaved rounds; peak memory of each."""
     device = torch.device(args.device)
@@ -201,14 +289,15 @@ def measure_block(args, variants: list[str], steps: int) -> list[dict]:
         for _ in range(args.warmup):
             run()
     times: dict[str, list[float]] = {v: [] for v in variants}
+    tick = clock(args)
     for _ in range(args.repeats):
         for variant, run in runs.items():
             sync(device)
-            start = time.perf_counter()
+            start = tick()
             run()
             sync(device)
-            times[variant].append((time.perf_counter() - start) * 1e3)
-    return [
+            times[variant].append((tick() - start) * 1e3)
+    block = [
         {
             "variant": v,
             "inner_steps": steps,
@@ -218,6 +307,11 @@ def measure_block(args, variants: list[str], steps: int) -> list[dict]:
         }
         for v in variants
     ]
+    if args.roofline:
+        for row in block:
+            row["gflop"] = meta_step_flops(runs[row["variant"]]) / 1e9
+            row["gflop_per_s"] = row["gflop"] / row["ms"] * 1e3
+    return block
 
 
 def print_block(rows: list[dict]) -> None:
@@ -227,9 +321,12 @@ def print_block(rows: list[dict]) -> None:
         base = loops.get(row["variant"], loops.get("MAML"))
         row["speedup_vs_loop"] = base / row["ms"] if base and row["variant"] not in LOOPS else None
         ratio = f"{row['speedup_vs_loop']:.2f}x" if row["speedup_vs_loop"] else ""
+        roofline = ""
+        if "gflop" in row:
+            roofline = f"{row['gflop']:>9.2f}{row['gflop_per_s']:>9.1f}"
         print(
             f"{row['variant']:<20}{row['inner_steps']:>6}{row['ms']:>10.1f}{row['median_ms']:>10.1f}"
-            f"{row['peak_mib']:>10.1f}{ratio:>9}"
+            f"{row['peak_mib']:>10.1f}{ratio:>9}{roofline}"
         )
 
 
@@ -441,6 +538,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch.compile each variant (optionally the mode max-autotune-no-cudagraphs)",
     )
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (bf16-mixed)")
+    parser.add_argument(
+        "--roofline",
+        action="store_true",
+        help="FLOPs and GFLOP/s per row, and the machine's conv and matmul rates",
+    )
+    parser.add_argument(
+        "--loop-net",
+        default="plain",
+        choices=["plain", "same"],
+        help="the loop's model: a plain NCHW conv net as a user writes it, or the variants' own",
+    )
+    parser.add_argument(
+        "--clock", default="wall", choices=["wall", "cpu"], help="wall clock or process CPU time"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--output", type=Path, default=None, help="write the rows as JSON")
     args = parser.parse_args(argv)
@@ -462,12 +573,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    rows: list[dict] = []
     print(
         f"setup={args.setup} device={args.device} torch={torch.__version__} "
         f"threads={torch.get_num_threads()} meta_batch={args.meta_batch_size or 'default'} "
-        f"bf16={args.bf16} compile={args.compile} rounds={args.repeats}"
+        f"bf16={args.bf16} compile={args.compile} rounds={args.repeats} clock={args.clock} "
+        f"loop_net={args.loop_net}"
     )
-    rows = []
+    if args.device == "cpu":
+        print(f"cpu: {cpu_name()}; native bf16: {cpu_bf16_support()}")
+    if args.roofline:
+        rates = machine_rates(args)
+        print("machine: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in rates.items()))
+        rows.append({"machine_gflop_per_s": rates})
     if args.recipe:
         r = measure_recipe(args, args.recipe)
         print(
@@ -480,6 +598,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         print(
             f"{'variant':<20}{'steps':>6}{'min ms':>10}{'med ms':>10}{'peak MiB':>10}{'vs loop':>9}"
+            + (f"{'GFLOP':>9}{'GFLOP/s':>9}" if args.roofline else "")
         )
         for steps in args.inner_steps:
             block = measure_block(args, args.variants, steps)

@@ -17,7 +17,9 @@ graph kept between steps.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,10 +35,12 @@ __all__ = [
     "TaskModel",
     "Trajectory",
     "backward_recursion",
+    "differentiated_twice",
     "finite_difference_hvp",
     "forward_hvp",
     "gaussian_smoothing_hvp",
     "gradient_and_value",
+    "is_differentiated_twice",
     "map_tasks",
     "mse_loss",
     "pullback",
@@ -48,6 +52,28 @@ Params = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 #: ``hvp(w, v)``: the product of the Hessian at ``w`` (of a loss the rule knows) with ``v``.
 HvpRule = Callable[[Params, Params], Params]
+
+_DIFFERENTIATED_TWICE = contextvars.ContextVar("differentiated_twice", default=False)
+
+
+@contextlib.contextmanager
+def differentiated_twice() -> Iterator[None]:
+    """Marks the forward passes inside as ones whose gradient will be differentiated again.
+
+    :meth:`TaskModel.adapt` sets it for the inner steps that an outer gradient differentiates
+    through (MAML). A model may choose its memory layout by it
+    (:class:`~lightning_maml.models.ConvNet` stays NCHW there); values do not depend on it.
+    """
+    token = _DIFFERENTIATED_TWICE.set(True)
+    try:
+        yield
+    finally:
+        _DIFFERENTIATED_TWICE.reset(token)
+
+
+def is_differentiated_twice() -> bool:
+    """Whether the current forward pass is inside :func:`differentiated_twice`."""
+    return _DIFFERENTIATED_TWICE.get()
 
 
 def mse_loss(prediction: Tensor, target: Tensor) -> Tensor:
@@ -213,34 +239,49 @@ class TaskModel:
                 ``torch.func.grad`` does not differentiate through it (no Hessian terms).
 
         Returns:
-            The adapted parameters ``w_k`` and the trajectory.
+            The adapted parameters ``w_k`` and the trajectory, in the parameters' precision
+            (mixed-precision autocast is off inside).
         """
         trajectory = Trajectory()
-        for j, alpha in enumerate(step_sizes):
+        # The inner loop runs in the parameters' precision even under mixed-precision
+        # autocast: bf16 inner gradients move w_k enough to turn the conv net's meta-gradient
+        # (cosine 0.98 to fp32's on Omniglot), and the support set is the small part of the work.
+        # Under an outer torch.autograd gradient (the per-task path) the parameters require
+        # grad; unless detached, each inner gradient is then differentiated again.
+        # (Not traced by torch.compile, under which ConvNet stays NCHW anyway.)
+        twice = (
+            not first_order
+            and not torch.compiler.is_compiling()
+            and any(p.requires_grad for p in params.values())
+        )
+        layout = differentiated_twice() if twice else contextlib.nullcontext()
+        with torch.autocast(x.device.type, enabled=False), layout:
+            for j, alpha in enumerate(step_sizes):
 
-            def adapted_loss(
-                part: Params, x: Tensor, y: Tensor, params: Params = params, j: int = j
-            ) -> Tensor:
-                merged = {**params, **part}
-                return self.loss(merged if params_at is None else params_at(j, merged), x, y)
+                def adapted_loss(
+                    part: Params, x: Tensor, y: Tensor, params: Params = params, j: int = j
+                ) -> Tensor:
+                    merged = {**params, **part}
+                    return self.loss(merged if params_at is None else params_at(j, merged), x, y)
 
-            part = {n: params[n] for n in alpha}
-            grads, loss = gradient_and_value(adapted_loss, part, x, y)
-            trajectory.grad_norms.append(tree_norm(grads).detach())
-            trajectory.losses.append(loss.detach())
-            if keep_grads:
-                trajectory.grads.append({n: g.detach() for n, g in grads.items()})
-            if hessian_data is not None:
-                hess_grads, _ = gradient_and_value(adapted_loss, part, *hessian_data)
-                # Value of grads, derivative of hess_grads (their difference is exactly zero).
-                grads = {
-                    n: g.detach() + hess_grads[n] - hess_grads[n].detach() for n, g in grads.items()
-                }
-            if first_order:
-                grads = {n: g.detach() for n, g in grads.items()}
-            if keep_points:
-                trajectory.points.append(params)
-            params = {**params, **{n: params[n] - alpha[n] * grads[n] for n in alpha}}
+                part = {n: params[n] for n in alpha}
+                grads, loss = gradient_and_value(adapted_loss, part, x, y)
+                trajectory.grad_norms.append(tree_norm(grads).detach())
+                trajectory.losses.append(loss.detach())
+                if keep_grads:
+                    trajectory.grads.append({n: g.detach() for n, g in grads.items()})
+                if hessian_data is not None:
+                    hess_grads, _ = gradient_and_value(adapted_loss, part, *hessian_data)
+                    # Value of grads, derivative of hess_grads (their difference is exactly zero).
+                    grads = {
+                        n: g.detach() + hess_grads[n] - hess_grads[n].detach()
+                        for n, g in grads.items()
+                    }
+                if first_order:
+                    grads = {n: g.detach() for n, g in grads.items()}
+                if keep_points:
+                    trajectory.points.append(params)
+                params = {**params, **{n: params[n] - alpha[n] * grads[n] for n in alpha}}
         return params, trajectory
 
 

@@ -17,6 +17,7 @@ from lightning_maml import compat
 from lightning_maml.algorithms.base import Evaluation, MetaAlgorithm, MetaStep
 from lightning_maml.checkpoint_settings import check_checkpoint
 from lightning_maml.checks import check_int
+from lightning_maml.cpu import warn_bf16_on_cpu
 from lightning_maml.eval_metrics import REDUCED_METRICS_ADVICE, EvaluationMetrics, warn_diverged
 from lightning_maml.hyperparameters import describe
 from lightning_maml.losses import LossArg, resolve_loss
@@ -156,6 +157,10 @@ class MetaLearner(LightningModule):
         check_hessian_shots(
             self.algorithm, getattr(compat.attached_trainer(self), "datamodule", None)
         )
+
+    def on_fit_start(self) -> None:
+        # bf16 on a CPU without it is emulated: slower than fp32, so say so before the run.
+        warn_bf16_on_cpu(self.trainer.precision, self.device.type)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Compares the checkpoint's settings with this run's before its weights are loaded: every

@@ -7,6 +7,8 @@ import itertools
 import torch
 from torch import Tensor, nn
 
+from lightning_maml.functional import is_differentiated_twice
+
 __all__ = ["MLP", "ConvNet"]
 
 
@@ -38,12 +40,24 @@ class ConvNet(nn.Module):
     BatchNorm uses the statistics of each batch (``track_running_stats=False``), as in MAML's
     reference code, so the forward pass is a pure function of parameters and input.
 
+    Each block pools before its ReLU: the two commute (``relu(max(x)) = max(relu(x))``, and
+    their gradients agree), and the ReLU then runs on a quarter of the elements. On a CPU, a
+    forward pass outside ``torch.func`` transforms and ``torch.compile`` (the per-task path
+    that ``task_chunk_size="auto"`` takes there for conv nets) runs channels-last, which the
+    CPU's max-pooling and convolutions are much faster in; it stays NCHW under ``vmap``,
+    ``torch.compile``, on accelerators, and in the passes whose gradient is differentiated
+    again (:func:`~lightning_maml.functional.differentiated_twice`: MAML's inner steps), where
+    BatchNorm's double backward is slower channels-last. Outputs and gradients do not depend
+    on the layout beyond rounding.
+
     Args:
         in_channels: Image channels (1 for Omniglot, 3 for mini-ImageNet / CIFAR).
         ways: Number of output classes per task.
         hidden: Filters per block (64 for Omniglot, 32 for mini-ImageNet).
         image_size: Height and width of the (square) input images.
         blocks: Number of conv blocks.
+        channels_last: Allow the channels-last layout where it is faster, as above (``False``:
+            always NCHW).
     """
 
     def __init__(
@@ -53,6 +67,7 @@ class ConvNet(nn.Module):
         hidden: int = 64,
         image_size: int = 28,
         blocks: int = 4,
+        channels_last: bool = True,
     ) -> None:
         super().__init__()
         if min(in_channels, ways, hidden, image_size, blocks) < 1:
@@ -62,14 +77,16 @@ class ConvNet(nn.Module):
                 f"image_size={image_size} is too small for {blocks} blocks that each halve the "
                 f"image; use image_size >= {2**blocks} or fewer blocks."
             )
+        self.channels_last = channels_last
         layers: list[nn.Module] = []
         channels = in_channels
         for _ in range(blocks):
+            # The parameters keep the names of the conv - BatchNorm - ReLU - pool order.
             layers += [
                 nn.Conv2d(channels, hidden, 3, padding=1),
                 nn.BatchNorm2d(hidden, track_running_stats=False),
-                nn.ReLU(),
                 nn.MaxPool2d(2),
+                nn.ReLU(),
             ]
             channels = hidden
         self.features = nn.Sequential(*layers, nn.Flatten())
@@ -77,5 +94,22 @@ class ConvNet(nn.Module):
             size = self.features(torch.zeros(2, in_channels, image_size, image_size)).shape[1]
         self.classifier = nn.Linear(size, ways)
 
+    def uses_channels_last(self, x: Tensor) -> bool:
+        """Whether this forward pass of ``x`` runs channels-last (see the class docstring)."""
+        return (
+            self.channels_last
+            and x.device.type == "cpu"
+            and x.dim() == 4
+            and not torch.compiler.is_compiling()
+            # Under vmap the batched convolutions fold the tasks into the batch, NCHW.
+            and not torch._C._are_functorch_transforms_active()
+            # BatchNorm's double backward is slower channels-last (MAML's inner steps).
+            and not is_differentiated_twice()
+        )
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.uses_channels_last(x):
+            # clone, not contiguous: a one-channel image is contiguous in both layouts already,
+            # and the convolutions follow the input's strides, which must say channels-last.
+            x = x.clone(memory_format=torch.channels_last)
         return self.classifier(self.features(x))

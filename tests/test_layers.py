@@ -21,6 +21,7 @@ RANK = {
     "compat": 0,
     "checkpoint_io": 0,
     "threads": 0,
+    "cpu": 0,
     "functional": 1,
     "metrics": 1,
     "models": 1,
