@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -33,20 +32,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lightning_maml.cpu import cpu_name  # noqa: E402
+from lightning_maml.threads import machine_load, usable_cores  # noqa: E402
+
 #: The settings compared: the value given to ``--threads`` (null: torch's default).
 SETTINGS = {"default": "null", "threads=1": "1"}
-
-
-def cpu_name() -> str:
-    """The CPU's model name, for the record (``lscpu``'s, else the platform's)."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def command(config: str, steps: int, threads: str, folder: str) -> list[str]:
@@ -165,10 +157,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--output", type=Path, default=None, help="write the rounds as JSON")
     args = parser.parse_args(argv)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = machine_load()
     print(
         f"{Path(args.config).name}, {args.steps} steps, {args.rounds} rounds; CPU {cpu_name()}, "
-        f"{cores} usable cores, load average {os.getloadavg()[0]:.1f} at the start"
+        f"{usable_cores()} usable cores, load average "
+        f"{'unknown' if load is None else f'{load:.1f}'} at the start"
     )
     rounds = measure(args)
     rows = summary(rounds)

@@ -22,26 +22,28 @@ def _cpuinfo() -> str:
         return ""
 
 
+def _field(name: str, cpuinfo: str | None) -> str | None:
+    """The value of the first processor's ``name`` line in ``cpuinfo`` (this machine's by
+    default), or None where there is none."""
+    for line in (_cpuinfo() if cpuinfo is None else cpuinfo).splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == name:
+            return value.strip()
+    return None
+
+
 def read_cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
     """The feature flags of the first processor in ``/proc/cpuinfo`` (empty where it is absent).
 
     Args:
         cpuinfo: The text of ``/proc/cpuinfo``; by default this machine's.
     """
-    for line in (_cpuinfo() if cpuinfo is None else cpuinfo).splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return frozenset(value.split())
-    return frozenset()
+    return frozenset((_field("flags", cpuinfo) or "").split())
 
 
 def cpu_name(cpuinfo: str | None = None) -> str:
     """The CPU's model name from ``/proc/cpuinfo``, or what :mod:`platform` knows."""
-    for line in (_cpuinfo() if cpuinfo is None else cpuinfo).splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name":
-            return value.strip()
-    return platform.processor() or platform.machine()
+    return _field("model name", cpuinfo) or platform.processor() or platform.machine()
 
 
 def cpu_bf16_support(flags: frozenset[str] | None = None) -> bool:
