@@ -114,13 +114,13 @@ class MetaCLI(LightningCLI):
         threads = config.get("threads")
         if threads is None:
             return
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        try:
+            set_threads(threads)
+        except ValueError as error:
             raise ValueError(
-                f"threads must be a positive integer (torch's intra-op threads), got "
-                f"{threads!r}: set `threads: 1` in the config or pass --threads 1, or leave it "
-                "out for torch's default of one per core."
-            )
-        set_threads(threads)
+                f"{error} It is torch's intra-op threads: set `threads: 1` in the config or "
+                "pass --threads 1, or leave it out for torch's default of one per core."
+            ) from None
         # Processes this run starts (ddp_spawn ranks, spawned workers) read their threads from
         # the environment when torch starts in them, not from this process's setting.
         os.environ["OMP_NUM_THREADS"] = str(threads)

@@ -164,4 +164,4 @@ def test_threads_on_the_command_line_override_the_recipe(tmp_path):
 def test_cli_refuses_threads_below_one(tmp_path, capsys, bad):
     assert main([*fit_args(tmp_path), f"--threads={bad}"]) == 1
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "threads must be a positive integer" in line and "--threads 1" in line
+    assert "threads must be an integer >= 1" in line and "--threads 1" in line
