@@ -28,6 +28,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, jvp, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from lightning_maml.double_backward import ShortDoubleBackward
+
 __all__ = [
     "EXACT_HVPS",
     "HvpRule",
@@ -66,7 +68,8 @@ def differentiated_twice() -> Iterator[None]:
     """
     token = _DIFFERENTIATED_TWICE.set(True)
     try:
-        yield
+        with ShortDoubleBackward():
+            yield
     finally:
         _DIFFERENTIATED_TWICE.reset(token)
 

@@ -17,7 +17,7 @@ from lightning_maml import compat
 from lightning_maml.algorithms.base import Evaluation, MetaAlgorithm, MetaStep
 from lightning_maml.checkpoint_settings import check_checkpoint
 from lightning_maml.checks import check_int
-from lightning_maml.cpu import warn_bf16_on_cpu
+from lightning_maml.cpu import keep_freed_memory, warn_bf16_on_cpu
 from lightning_maml.eval_metrics import REDUCED_METRICS_ADVICE, EvaluationMetrics, warn_diverged
 from lightning_maml.hyperparameters import describe
 from lightning_maml.losses import LossArg, resolve_loss
@@ -152,11 +152,13 @@ class MetaLearner(LightningModule):
         destroy_process_group_at_exit()
         # Each process's own threads: ranks and runs that share cores slow each other several-fold.
         warn_if_oversubscribed()
+        trainer = compat.attached_trainer(self)
+        if trainer is not None and trainer.strategy.root_device.type == "cpu":
+            # Reuse freed activations instead of faulting fresh pages in every step.
+            keep_freed_memory()
         # Fail before the first step on a model or datamodule the algorithm cannot use.
         self.algorithm.check_model(self.model)
-        check_hessian_shots(
-            self.algorithm, getattr(compat.attached_trainer(self), "datamodule", None)
-        )
+        check_hessian_shots(self.algorithm, getattr(trainer, "datamodule", None))
 
     def on_fit_start(self) -> None:
         # bf16 on a CPU without it is emulated: slower than fp32, so say so before the run.

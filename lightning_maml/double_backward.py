@@ -1,0 +1,312 @@
+"""Batch normalisation and convolution with short double backwards, for passes whose gradient
+is differentiated again (MAML's inner steps).
+
+PyTorch's double backward of batch normalisation (``batchnorm_double_backward``) is a
+composite of some seventy small kernels per call, most of them ``mul`` and ``sum`` over the
+whole activation; that of a convolution computes its weight term as a convolution with batch
+and channels swapped, which oneDNN runs slowly for the small support sets of few-shot tasks.
+Here the forward and the first backward are PyTorch's own fused kernels, and the backward of
+that backward is written out from its closed form (below), with the kernels that suit it.
+:func:`~lightning_maml.functional.differentiated_twice` routes ``F.batch_norm`` and
+``F.conv2d`` here (:class:`ShortDoubleBackward`) where they apply: outside ``torch.func``
+transforms and ``torch.compile``, batch normalisation with batch statistics (no running
+estimates) and an affine layer, and 2-d convolution with numeric padding. Anything else keeps
+PyTorch's own path.
+
+Batch normalisation, per channel with ``N`` elements, ``s = 1/sqrt(var + eps)``,
+``xh = (x - mean) s``, weight ``g``; the first backward of ``y = g xh + b`` is::
+
+    db = sum(dy),  dg = sum(dy xh),  dx = g h,  h = s (dy - mean(dy) - xh mean(dy xh))
+
+With cotangents ``a``, ``u``, ``c`` of ``dx``, ``dg``, ``db`` and ``m = mean(dy xh)``::
+
+    d dy = g s (a - mean(a) - xh mean(a xh)) + u xh + c
+    d x  = -g s xh mean(a h) - g s^2 m (a - mean(a) - xh mean(a xh)) - g s mean(a xh) h + u h
+    d g  = sum(a h)
+
+(``d x`` uses ``d s / d x_j = -s^2 xh_j / N`` and ``d xh_i / d x_j = s (delta_ij - 1/N -
+xh_i xh_j / N)``.)
+
+Convolution ``y = conv(x, w) + b``: its first backward ``dx = conv_x^T(dy; w)``,
+``dw = conv_w^T(dy; x)``, ``db = sum(dy)`` is bilinear, so with cotangents ``a``, ``u``, ``c``::
+
+    d dy = conv(a, w) + conv(x, u) + c,   d x = conv_x^T(dy; u),   d w = conv_w^T(dy; a)
+
+where ``conv_x^T`` and ``conv_w^T`` are the input and weight gradients of a convolution
+(``convolution_backward``, which has its own oneDNN kernels).
+
+These second derivatives are the last: a meta-gradient of inner gradients needs no third,
+and asking for one raises an error rather than return a wrong value.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["ShortDoubleBackward", "batch_norm", "conv2d"]
+
+
+def _channel_dims(x: Tensor) -> tuple[list[int], list[int], int]:
+    """The dimensions reduced per channel, the broadcast shape of a per-channel vector, and the
+    number of elements per channel."""
+    dims = [0, *range(2, x.dim())]
+    shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+    return dims, shape, x.numel() // x.shape[1]
+
+
+def _refuse_third_derivative(layer: str, *tensors: Tensor | None) -> None:
+    """Raises if a second backward is itself being differentiated: the closed forms are not
+    (batch normalisation's treats the batch statistics as constants of x, and would silently
+    miss their terms)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise RuntimeError(
+            f"A third derivative of {layer} was asked for inside "
+            "lightning_maml.functional.differentiated_twice(), where it is differentiable "
+            "twice only. Compute higher derivatives outside that context (the layer is then "
+            "PyTorch's own)."
+        )
+
+
+class _BatchNorm(torch.autograd.Function):
+    """``native_batch_norm`` in training mode without running estimates; its backward is
+    :class:`_BatchNormGrad`, so that the double backward is the closed form above."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        x: Tensor, weight: Tensor, bias: Tensor, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple[Tensor, Tensor, Tensor]) -> None:
+        x, weight, _, eps = inputs
+        _, mean, invstd = output
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.mark_non_differentiable(mean, invstd)
+        ctx.eps = eps
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, weight, mean, invstd = ctx.saved_tensors
+        dx, dg, db = _BatchNormGrad.apply(dy, x, weight, mean, invstd, ctx.eps)
+        return dx, dg, db, None
+
+
+class _BatchNormGrad(torch.autograd.Function):
+    """The first backward, ``(dy, x, g) -> (dx, dg, db)``, by PyTorch's fused kernel; its own
+    backward is the closed form of the module docstring."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        dx, dg, db = torch.ops.aten.native_batch_norm_backward(
+            dy, x, weight, None, None, mean, invstd, True, eps, [True, True, True]
+        )
+        return dx, dg, db
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple[Tensor, Tensor, Tensor]) -> None:
+        dy, x, weight, mean, invstd, _ = inputs
+        _, dg, db = output
+        ctx.save_for_backward(dy, x, weight, mean, invstd, dg, db)
+        ctx.mark_non_differentiable(mean, invstd)
+
+    @staticmethod
+    def backward(ctx: Any, a: Tensor, u: Tensor, c: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        dy, x, weight, mean, invstd, dg, db = ctx.saved_tensors
+        _refuse_third_derivative("batch normalisation", a, u, c, dy, x, weight)
+        dims, shape, n = _channel_dims(x)
+        s, g = invstd.view(shape), weight.view(shape)
+        xh = (x - mean.view(shape)) * s
+        dy_mean, m = (db / n).view(shape), (dg / n).view(shape)
+        # h = dx / g, without dividing by a weight that may be zero.
+        h = torch.addcmul((dy - dy_mean) * s, xh, m * s, value=-1)
+        a_mean = a.mean(dims).view(shape)
+        a_xh = (a * xh).mean(dims).view(shape)
+        a_h = (a * h).sum(dims)
+        gs = g * s
+        gs2m = gs * s * m
+        d_dy = torch.addcmul(
+            torch.addcmul(c.view(shape) - gs * a_mean, xh, u.view(shape) - gs * a_xh), a, gs
+        )
+        d_x = torch.addcmul(
+            torch.addcmul(gs2m * a_mean, xh, gs2m * a_xh - gs * (a_h / n).view(shape)),
+            h,
+            u.view(shape) - gs * a_xh,
+        )
+        d_x = torch.addcmul(d_x, a, gs2m, value=-1)
+        return d_dy, d_x, a_h, None, None, None
+
+
+def batch_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
+    """Training-mode batch normalisation over dimension 1 with the short double backward.
+
+    Args:
+        x: The input, ``(N, C, ...)``, any memory format.
+        weight: The scale, ``(C,)``.
+        bias: The shift, ``(C,)``.
+        eps: Added to the variance.
+
+    Returns:
+        ``weight * (x - mean) / sqrt(var + eps) + bias`` with the batch's own per-channel mean
+        and (biased) variance, as ``F.batch_norm(x, None, None, weight, bias, training=True)``.
+    """
+    return _BatchNorm.apply(x, weight, bias, eps)[0]
+
+
+class _Conv2d(torch.autograd.Function):
+    """``conv2d``; its backward is :class:`_Conv2dGrad`, so that the double backward is the
+    closed form of the module docstring."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        x: Tensor, weight: Tensor, bias: Tensor | None, options: tuple
+    ) -> Tensor:
+        return torch.conv2d(x, weight, bias, *options)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        x, weight, _, options = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.options = options
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        dx, dw, db = _Conv2dGrad.apply(dy, x, weight, ctx.options, ctx.needs_input_grad[:3])
+        return dx, dw, db, None
+
+
+def _conv_backward(dy: Tensor, x: Tensor, weight: Tensor, options: tuple, mask: list[bool]):
+    """``convolution_backward``: the input, weight and bias gradients that ``mask`` asks for."""
+    stride, padding, dilation, groups = options
+    return torch.ops.aten.convolution_backward(
+        dy, x, weight, None, stride, padding, dilation, False, [0, 0], groups, mask
+    )
+
+
+class _Conv2dGrad(torch.autograd.Function):
+    """The first backward, ``(dy, x, w) -> (dx, dw, db)``, by PyTorch's fused kernel; its own
+    backward is the closed form of the module docstring."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        dy: Tensor, x: Tensor, weight: Tensor, options: tuple, mask: tuple[bool, bool, bool]
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        return _conv_backward(dy, x, weight, options, list(mask))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        dy, x, weight, options, _ = inputs
+        ctx.save_for_backward(dy, x, weight)
+        ctx.options = options
+        # Cotangents that are zero stay None, and their terms are skipped.
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, a: Tensor | None, u: Tensor | None, c: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        dy, x, weight = ctx.saved_tensors
+        _refuse_third_derivative("a convolution", a, u, c, dy, x, weight)
+        need_dy, need_x, need_w = ctx.needs_input_grad[:3]
+        d_dy = d_x = d_w = None
+        if need_dy:
+            stride, padding, dilation, groups = ctx.options
+            terms = []
+            if a is not None:
+                terms.append(torch.conv2d(a, weight, None, stride, padding, dilation, groups))
+            if u is not None:
+                terms.append(torch.conv2d(x, u, None, stride, padding, dilation, groups))
+            d_dy = terms[0] if terms else torch.zeros_like(dy)
+            for term in terms[1:]:
+                d_dy = d_dy.add_(term)
+            if c is not None:
+                d_dy = d_dy + c.view(1, -1, 1, 1)
+        if need_x and u is not None:
+            d_x = _conv_backward(dy, x, u, ctx.options, [True, False, False])[0]
+        if need_w and a is not None:
+            d_w = _conv_backward(dy, a, weight, ctx.options, [False, True, False])[1]
+        return d_dy, d_x, d_w, None, None
+
+
+def conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: Sequence[int] = (1, 1),
+    padding: Sequence[int] = (0, 0),
+    dilation: Sequence[int] = (1, 1),
+    groups: int = 1,
+) -> Tensor:
+    """``F.conv2d`` with the short double backward (numeric padding only).
+
+    Args:
+        x: The input, ``(N, C_in, H, W)``.
+        weight: The filters, ``(C_out, C_in / groups, kH, kW)``.
+        bias: The bias, ``(C_out,)``, or None.
+        stride: As ``F.conv2d``'s, two ints.
+        padding: As ``F.conv2d``'s, two ints.
+        dilation: As ``F.conv2d``'s, two ints.
+        groups: As ``F.conv2d``'s.
+
+    Returns:
+        ``F.conv2d(x, weight, bias, stride, padding, dilation, groups)``.
+    """
+    options = (_pair(stride), _pair(padding), _pair(dilation), groups)
+    return _Conv2d.apply(x, weight, bias, options)
+
+
+def _pair(value: int | Sequence[int]) -> list[int]:
+    return [value, value] if isinstance(value, int) else [int(v) for v in value]
+
+
+class ShortDoubleBackward(TorchFunctionMode):
+    """Routes ``F.batch_norm`` and ``F.conv2d`` to :func:`batch_norm` and :func:`conv2d` where
+    those compute the same thing.
+
+    That is: not under ``torch.func`` transforms (a custom autograd function there would need
+    a vmap rule) or ``torch.compile``; for batch normalisation, batch statistics (training
+    mode, no running estimates), an affine layer and an input with a channel dimension; for a
+    convolution, a 4-d input and numeric padding. Other calls run unchanged.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if (func is F.batch_norm or func is torch.conv2d) and not (
+            torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling()
+        ):
+            if func is F.batch_norm:
+                call = _F_BATCH_NORM.bind(*args, **kwargs)
+                call.apply_defaults()
+                a = call.arguments
+                x, weight, bias = a["input"], a["weight"], a["bias"]
+                if (
+                    a["training"]
+                    and a["running_mean"] is None
+                    and a["running_var"] is None
+                    and isinstance(weight, Tensor)
+                    and isinstance(bias, Tensor)
+                    and x.dim() >= 2
+                ):
+                    return batch_norm(x, weight, bias, a["eps"])
+            else:
+                c = dict(zip(_CONV2D_ARGS, args, strict=False)) | kwargs
+                padding = c.get("padding", 0)
+                if c["input"].dim() == 4 and not isinstance(padding, str):
+                    return conv2d(c.pop("input"), **c)
+        return func(*args, **kwargs)
+
+
+#: ``F.batch_norm``'s signature, to read a call's arguments by name.
+_F_BATCH_NORM = inspect.signature(F.batch_norm)
+#: ``F.conv2d``'s parameters in order (a builtin, without a signature to read).
+_CONV2D_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
