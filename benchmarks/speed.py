@@ -17,6 +17,8 @@ Usage::
     python benchmarks/speed.py --setup omniglot --variants family loop-MAML --inner-steps 1 5
     python benchmarks/speed.py --setup omniglot --meta-batch-size 4 --inner-steps 1 5 \
         --variants MAML FOMAML loop-MAML loop-FOMAML --threads 1 --roofline --clock cpu
+    python benchmarks/speed.py --setup omniglot --meta-batch-size 4 --inner-steps 1 5 \
+        --variants MAML FOMAML loop-MAML loop-FOMAML l2l-MAML l2l-FOMAML --threads 1 --check
 
 The loop runs on a plain NCHW conv net in the usual block order, as a user would write it
 (``--loop-net plain``), or on the very model the variants use (``--loop-net same``).
@@ -26,7 +28,15 @@ natively) bf16, measured in the same run. ``--clock cpu`` times with the process
 which a machine shared with other jobs disturbs less than the wall clock.
 
 The rows are the variants' own, as the registry lists them (``lightning_maml.variants``: a
-registered variant brings its rows), and the two reference loops.
+registered variant brings its rows), the two reference loops, and, where learn2learn is
+installed (it is no dependency of the project; DEVELOPERS.md says how to build it), learn2learn's
+own ``MAML.clone()`` / ``adapt()`` on the loop's model and batches (``l2l-MAML``,
+``l2l-FOMAML``). learn2learn imports torchvision; where torchvision is absent, empty stand-in
+modules take its place (:func:`import_learn2learn`): the algorithms use none of it.
+
+``--check`` compares, in float64 before timing, the meta-gradients of the loops, of the
+learn2learn rows and of the variants ``MAML`` and ``FOMAML`` at each ``--inner-steps``, and prints
+the largest absolute difference from the loop of the same order.
 
 Peak memory is what the allocator holds at its highest during one step beyond what was held
 before it (model, data): ``torch.cuda.max_memory_allocated`` on a GPU, and on a CPU the
@@ -39,12 +49,17 @@ import argparse
 import contextlib
 import copy
 import functools
+import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import json
 import os
 import statistics
 import sys
 import tempfile
 import time
+import types
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -65,6 +80,10 @@ from lightning_maml.variants import SpeedRow, Variant, variants
 
 #: The reference rows: the clone-and-adapt loop, second or first order (the value).
 LOOPS = {"loop-MAML": False, "loop-FOMAML": True}
+#: learn2learn's MAML on the loop's model, second or first order (the value).
+L2L = {"l2l-MAML": False, "l2l-FOMAML": True}
+#: The rows compared with a loop rather than measured against one.
+REFERENCES = {**LOOPS, **L2L}
 #: The memory sweep's rows, by label.
 SWEEP_VARIANTS = ["MAML", "MAML-recursion", "MAML-recursion-fwd", "HFMAML", "FOMAML"]
 SWEEP_STEPS = [1, 5, 20, 50]
@@ -84,8 +103,69 @@ def family() -> list[str]:
 
 
 def choices() -> list[str]:
-    """Every row ``--variants`` takes: the variants' and the reference loops."""
-    return [*rows(), *LOOPS]
+    """Every row ``--variants`` takes: the variants', the reference loops and learn2learn's."""
+    return [*rows(), *LOOPS, *L2L]
+
+
+def learn2learn_installed() -> bool:
+    """Whether learn2learn can be imported (looked up, not imported)."""
+    return importlib.util.find_spec("learn2learn") is not None
+
+
+class _StubModule(types.ModuleType):
+    """An empty module: a lowercase attribute is its submodule, any other an empty class."""
+
+    def __getattr__(self, name: str) -> object:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if name[0].islower():
+            return importlib.import_module(f"{self.__name__}.{name}")
+        stub = type(name, (), {"__module__": self.__name__})
+        setattr(self, name, stub)
+        return stub
+
+
+class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Finds :class:`_StubModule` packages for ``root`` and its submodules."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+
+    def find_spec(self, name: str, path: object = None, target: object = None):
+        if name != self.root and not name.startswith(self.root + "."):
+            return None
+        return importlib.machinery.ModuleSpec(name, self, is_package=True)
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
+        return _StubModule(spec.name)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        pass
+
+
+@functools.cache
+def import_learn2learn() -> types.ModuleType:
+    """learn2learn, imported; empty stand-ins for torchvision where it is not installed.
+
+    learn2learn imports torchvision's datasets and transforms as it is imported, and its
+    algorithms use none of them. The stand-ins stay in ``sys.modules``.
+
+    Raises:
+        ModuleNotFoundError: learn2learn is not installed.
+    """
+    if not learn2learn_installed():
+        raise ModuleNotFoundError(
+            "learn2learn is not installed; DEVELOPERS.md ('Comparing with learn2learn') says how "
+            "to build it into a separate virtual environment"
+        )
+    if importlib.util.find_spec("torchvision") is not None:
+        return importlib.import_module("learn2learn")
+    finder = _StubFinder("torchvision")
+    sys.meta_path.insert(0, finder)
+    try:
+        return importlib.import_module("learn2learn")
+    finally:
+        sys.meta_path.remove(finder)
 
 
 def make_setup(name: str, device: torch.device, meta_batch_size: int | None):
@@ -162,6 +242,31 @@ def loop_step(
         (loss_fn(learner(batch.query_x[i]), batch.query_y[i]) / batch.num_tasks).backward()
 
 
+def l2l_step(maml: nn.Module, loss_fn, batch: TaskBatch, steps: int) -> None:
+    """One meta-gradient with learn2learn's ``MAML``: ``clone()``, ``adapt()`` on each task."""
+    maml.zero_grad()
+    for i in range(batch.num_tasks):
+        learner = maml.clone()
+        for _ in range(steps):
+            learner.adapt(loss_fn(learner(batch.support_x[i]), batch.support_y[i]))
+        (loss_fn(learner(batch.query_x[i]), batch.query_y[i]) / batch.num_tasks).backward()
+
+
+def reference_step(
+    label: str, model: nn.Module, loss_fn, batch: TaskBatch, inner_lr: float, steps: int, args
+) -> tuple[nn.Module, Callable[[], None]]:
+    """One meta-step of the loop or learn2learn row ``label`` on its own copy of the loop's
+    model (``--loop-net``), and that copy, whose ``.grad`` the step fills."""
+    net = loop_model(model, args)
+    if net is model:
+        net = copy.deepcopy(model)
+    if label in LOOPS:
+        step = functools.partial(loop_step, net, loss_fn, batch, inner_lr, steps, LOOPS[label])
+        return net, step
+    maml = import_learn2learn().algorithms.MAML(net, lr=inner_lr, first_order=L2L[label])
+    return net, functools.partial(l2l_step, maml, loss_fn, batch, steps)
+
+
 def make_algorithm(
     label: str, inner_lr: float, steps: int, args, model: nn.Module
 ) -> MetaAlgorithm:
@@ -184,10 +289,8 @@ def autocast(args) -> contextlib.AbstractContextManager:
 
 def step_fn(label: str, model, loss_fn, batch, inner_lr, steps, args) -> Callable[[], None]:
     """One meta-step of row ``label``, ready to be timed."""
-    if label in LOOPS:
-        first_order = LOOPS[label]
-        net = loop_model(model, args)
-        step = functools.partial(loop_step, net, loss_fn, batch, inner_lr, steps, first_order)
+    if label in REFERENCES:
+        _, step = reference_step(label, model, loss_fn, batch, inner_lr, steps, args)
     else:
         algorithm = make_algorithm(label, inner_lr, steps, args, model)
         algorithm.bind(model)
@@ -314,19 +417,70 @@ def measure_block(args, variants: list[str], steps: int) -> list[dict]:
     return block
 
 
+def check_gradients(args) -> list[dict]:
+    """The largest absolute difference of each reference row's and of MAML's and FOMAML's
+    meta-gradient from the loop of the same order, in float64, at each ``--inner-steps``."""
+    device = torch.device(args.device)
+    model, loss_fn, batch, inner_lr = make_setup(args.setup, device, args.meta_batch_size)
+    model = model.to(device, torch.float64)
+    batch = TaskBatch(
+        batch.support_x.double(), batch.support_y, batch.query_x.double(), batch.query_y
+    )
+    if batch.support_y.is_floating_point():
+        batch = TaskBatch(
+            batch.support_x, batch.support_y.double(), batch.query_x, batch.query_y.double()
+        )
+    labels = [*LOOPS, *(L2L if learn2learn_installed() else {}), "MAML", "FOMAML"]
+    print("meta-gradients against the loop of the same order, float64, largest |difference|:")
+    results = []
+    for steps in args.inner_steps:
+        grads = {}
+        for label in labels:
+            if label in REFERENCES:
+                net, step = reference_step(label, model, loss_fn, batch, inner_lr, steps, args)
+                step()
+                grads[label] = {n: p.grad.clone() for n, p in net.named_parameters()}
+            else:
+                algorithm = make_algorithm(label, inner_lr, steps, args, model)
+                algorithm.bind(model)
+                grads[label] = dict(algorithm.meta_gradient(model, loss_fn, batch).grads)
+        for label in labels:
+            if label in LOOPS:
+                continue
+            loop = "loop-FOMAML" if label.endswith("FOMAML") else "loop-MAML"
+            diff = max((grads[label][n] - g).abs().max().item() for n, g in grads[loop].items())
+            scale = max(g.abs().max().item() for g in grads[loop].values())
+            print(f"  {label:<12} {steps:>3} steps: {diff:.2e} (largest |gradient| {scale:.2e})")
+            results.append({"variant": label, "inner_steps": steps, "max_abs_diff": diff})
+    return results
+
+
 def print_block(rows: list[dict]) -> None:
-    # A row is compared with the loop of its own name (FOMAML), the others with MAML's.
+    """Prints a block's rows, each with its speed-up over the loop and over learn2learn.
+
+    A row is compared with the loop (and learn2learn's row) of its own name (FOMAML, and
+    learn2learn's FOMAML), the others with MAML's; the loops and learn2learn's rows have no
+    speed-up over learn2learn, and the loops none over the loop.
+    """
     loops = {r["variant"].removeprefix("loop-"): r["ms"] for r in rows if r["variant"] in LOOPS}
+    l2l = {r["variant"].removeprefix("l2l-"): r["ms"] for r in rows if r["variant"] in L2L}
     for row in rows:
-        base = loops.get(row["variant"], loops.get("MAML"))
+        name = row["variant"].removeprefix("l2l-")
+        key = name if name in loops or name in l2l else "MAML"
+        base = loops.get(key)
         row["speedup_vs_loop"] = base / row["ms"] if base and row["variant"] not in LOOPS else None
-        ratio = f"{row['speedup_vs_loop']:.2f}x" if row["speedup_vs_loop"] else ""
+        base = l2l.get(key)
+        row["speedup_vs_l2l"] = (
+            base / row["ms"] if base and row["variant"] not in REFERENCES else None
+        )
+        keys = ["speedup_vs_loop", "speedup_vs_l2l"] if l2l else ["speedup_vs_loop"]
+        ratio = "".join(f"{f'{row[k]:.2f}x' if row[k] else '':>9}" for k in keys)
         roofline = ""
         if "gflop" in row:
             roofline = f"{row['gflop']:>9.2f}{row['gflop_per_s']:>9.1f}"
         print(
             f"{row['variant']:<20}{row['inner_steps']:>6}{row['ms']:>10.1f}{row['median_ms']:>10.1f}"
-            f"{row['peak_mib']:>10.1f}{ratio:>9}{roofline}"
+            f"{row['peak_mib']:>10.1f}{ratio}{roofline}"
         )
 
 
@@ -553,8 +707,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--clock", default="wall", choices=["wall", "cpu"], help="wall clock or process CPU time"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="first compare the loops', learn2learn's and MAML's / FOMAML's meta-gradients (float64)",
+    )
     parser.add_argument("--output", type=Path, default=None, help="write the rows as JSON")
     args = parser.parse_args(argv)
+    if args.variants and set(args.variants) & L2L.keys() and not learn2learn_installed():
+        parser.error(
+            "l2l-MAML and l2l-FOMAML need learn2learn, which is not installed here (it is no "
+            "dependency of lightning-maml); DEVELOPERS.md, 'Comparing with learn2learn', says "
+            "how to build it into a separate virtual environment and run this script there"
+        )
     if args.memory_sweep:
         args.setup = "omniglot"
         args.variants = args.variants or SWEEP_VARIANTS
@@ -564,7 +729,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.variants and "family" in args.variants:
         members = family()
         args.variants = [*members, *(v for v in args.variants if v not in [*members, "family"])]
-    args.variants = args.variants or choices()
+    if not args.variants:
+        args.variants = [v for v in choices() if v not in L2L or learn2learn_installed()]
     args.inner_steps = args.inner_steps or [1]
     return args
 
@@ -582,6 +748,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.device == "cpu":
         print(f"cpu: {cpu_name()}; native bf16: {cpu_bf16_support()}")
+    if args.check:
+        rows.append({"check": check_gradients(args)})
     if args.roofline:
         rates = machine_rates(args)
         print("machine: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in rates.items()))
@@ -598,6 +766,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         print(
             f"{'variant':<20}{'steps':>6}{'min ms':>10}{'med ms':>10}{'peak MiB':>10}{'vs loop':>9}"
+            + (f"{'vs l2l':>9}" if set(args.variants) & L2L.keys() else "")
             + (f"{'GFLOP':>9}{'GFLOP/s':>9}" if args.roofline else "")
         )
         for steps in args.inner_steps:
@@ -605,7 +774,7 @@ def main(argv: list[str] | None = None) -> None:
             print_block(block)
             rows += block
             if args.trainer:
-                for variant in [v for v in args.variants if v not in LOOPS]:
+                for variant in [v for v in args.variants if v not in REFERENCES]:
                     t = measure_trainer(args, variant, steps)
                     ratio = t["trainer_ms"] / t["direct_ms"]
                     print(
