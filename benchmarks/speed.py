@@ -38,6 +38,12 @@ modules take its place (:func:`import_learn2learn`): the algorithms use none of 
 learn2learn rows and of the variants ``MAML`` and ``FOMAML`` at each ``--inner-steps``, and prints
 the largest absolute difference from the loop of the same order.
 
+Every row runs with glibc's malloc keeping freed memory for reuse, as a CPU fit sets it
+(``--malloc keep``, :func:`lightning_maml.cpu.keep_freed_memory`); ``--malloc system`` leaves
+malloc as the environment has it. ``--double-backward both`` adds, beside each of our rows, the
+same row with PyTorch's own double backward of BatchNorm and conv2d instead of
+:mod:`lightning_maml.double_backward`'s (label suffix ``[torch 2nd]``), interleaved with it.
+
 Peak memory is what the allocator holds at its highest during one step beyond what was held
 before it (model, data): ``torch.cuda.max_memory_allocated`` on a GPU, and on a CPU the
 allocator's running total as the torch profiler's memory events report it.
@@ -73,7 +79,8 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_maml import MetaAlgorithm, TaskBatch
-from lightning_maml.cpu import cpu_bf16_support, cpu_name
+from lightning_maml.cpu import cpu_bf16_support, cpu_name, keep_freed_memory
+from lightning_maml.double_backward import pytorch_double_backward
 from lightning_maml.functional import mse_loss
 from lightning_maml.models import MLP, ConvNet
 from lightning_maml.variants import SpeedRow, Variant, variants
@@ -287,8 +294,22 @@ def autocast(args) -> contextlib.AbstractContextManager:
     return torch.autocast(torch.device(args.device).type, torch.bfloat16, enabled=args.bf16)
 
 
+#: The suffix of a row run with PyTorch's own double backward (``--double-backward both``).
+TORCH_SECOND = " [torch 2nd]"
+
+
 def step_fn(label: str, model, loss_fn, batch, inner_lr, steps, args) -> Callable[[], None]:
     """One meta-step of row ``label``, ready to be timed."""
+    if label.endswith(TORCH_SECOND):
+        inner = step_fn(
+            label.removesuffix(TORCH_SECOND), model, loss_fn, batch, inner_lr, steps, args
+        )
+
+        def torch_second() -> None:
+            with pytorch_double_backward():
+                inner()
+
+        return torch_second
     if label in REFERENCES:
         _, step = reference_step(label, model, loss_fn, batch, inner_lr, steps, args)
     else:
@@ -387,6 +408,9 @@ def measure_block(args, variants: list[str], steps: int) -> list[dict]:
     device = torch.device(args.device)
     model, loss_fn, batch, inner_lr = make_setup(args.setup, device, args.meta_batch_size)
     model = model.to(device)
+    if args.double_backward == "both":
+        # Beside each of our rows, the same row with PyTorch's own double backward.
+        variants = [r for v in variants for r in (v, *[v + TORCH_SECOND][: v not in REFERENCES])]
     runs = {v: step_fn(v, model, loss_fn, batch, inner_lr, steps, args) for v in variants}
     for run in runs.values():
         for _ in range(args.warmup):
@@ -465,7 +489,7 @@ def print_block(rows: list[dict]) -> None:
     loops = {r["variant"].removeprefix("loop-"): r["ms"] for r in rows if r["variant"] in LOOPS}
     l2l = {r["variant"].removeprefix("l2l-"): r["ms"] for r in rows if r["variant"] in L2L}
     for row in rows:
-        name = row["variant"].removeprefix("l2l-")
+        name = row["variant"].removeprefix("l2l-").removesuffix(TORCH_SECOND)
         key = name if name in loops or name in l2l else "MAML"
         base = loops.get(key)
         row["speedup_vs_loop"] = base / row["ms"] if base and row["variant"] not in LOOPS else None
@@ -708,6 +732,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument(
+        "--double-backward",
+        choices=["short", "both"],
+        default="short",
+        help="both: also time each of our rows with PyTorch's own double backward of BatchNorm "
+        "and conv2d (lightning_maml.double_backward.pytorch_double_backward), interleaved",
+    )
+    parser.add_argument(
+        "--malloc",
+        choices=["keep", "system"],
+        default="keep",
+        help="keep: glibc keeps freed memory for reuse, as a CPU fit sets it (lightning_maml.cpu."
+        "keep_freed_memory), for every row; system: malloc as the environment leaves it",
+    )
+    parser.add_argument(
         "--check",
         action="store_true",
         help="first compare the loops', learn2learn's and MAML's / FOMAML's meta-gradients (float64)",
@@ -739,12 +777,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.malloc == "keep":
+        keep_freed_memory()
     rows: list[dict] = []
     print(
         f"setup={args.setup} device={args.device} torch={torch.__version__} "
         f"threads={torch.get_num_threads()} meta_batch={args.meta_batch_size or 'default'} "
         f"bf16={args.bf16} compile={args.compile} rounds={args.repeats} clock={args.clock} "
-        f"loop_net={args.loop_net}"
+        f"loop_net={args.loop_net} malloc={args.malloc}"
     )
     if args.device == "cpu":
         print(f"cpu: {cpu_name()}; native bf16: {cpu_bf16_support()}")

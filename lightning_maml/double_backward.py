@@ -41,8 +41,10 @@ and asking for one raises an error rather than return a wrong value.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -50,7 +52,7 @@ from torch import Tensor
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["ShortDoubleBackward", "batch_norm", "conv2d"]
+__all__ = ["ShortDoubleBackward", "batch_norm", "conv2d", "pytorch_double_backward"]
 
 
 def _channel_dims(x: Tensor) -> tuple[list[int], list[int], int]:
@@ -79,7 +81,7 @@ class _BatchNorm(torch.autograd.Function):
     :class:`_BatchNormGrad`, so that the double backward is the closed form above."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         x: Tensor, weight: Tensor, bias: Tensor, eps: float
     ) -> tuple[Tensor, Tensor, Tensor]:
         return torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
@@ -93,7 +95,7 @@ class _BatchNorm(torch.autograd.Function):
         ctx.eps = eps
 
     @staticmethod
-    def backward(ctx: Any, dy: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, dy: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, mean, invstd = ctx.saved_tensors
         dx, dg, db = _BatchNormGrad.apply(dy, x, weight, mean, invstd, ctx.eps)
         return dx, dg, db, None
@@ -104,7 +106,7 @@ class _BatchNormGrad(torch.autograd.Function):
     backward is the closed form of the module docstring."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor, eps: float
     ) -> tuple[Tensor, Tensor, Tensor]:
         dx, dg, db = torch.ops.aten.native_batch_norm_backward(
@@ -120,7 +122,7 @@ class _BatchNormGrad(torch.autograd.Function):
         ctx.mark_non_differentiable(mean, invstd)
 
     @staticmethod
-    def backward(ctx: Any, a: Tensor, u: Tensor, c: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, a: Tensor, u: Tensor, c: Tensor) -> tuple[Tensor | None, ...]:
         dy, x, weight, mean, invstd, dg, db = ctx.saved_tensors
         _refuse_third_derivative("batch normalisation", a, u, c, dy, x, weight)
         dims, shape, n = _channel_dims(x)
@@ -167,9 +169,7 @@ class _Conv2d(torch.autograd.Function):
     closed form of the module docstring."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        x: Tensor, weight: Tensor, bias: Tensor | None, options: tuple
-    ) -> Tensor:
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, options: tuple) -> Tensor:
         return torch.conv2d(x, weight, bias, *options)
 
     @staticmethod
@@ -179,7 +179,7 @@ class _Conv2d(torch.autograd.Function):
         ctx.options = options
 
     @staticmethod
-    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         dx, dw, db = _Conv2dGrad.apply(dy, x, weight, ctx.options, ctx.needs_input_grad[:3])
         return dx, dw, db, None
@@ -198,7 +198,7 @@ class _Conv2dGrad(torch.autograd.Function):
     backward is the closed form of the module docstring."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         dy: Tensor, x: Tensor, weight: Tensor, options: tuple, mask: tuple[bool, bool, bool]
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         return _conv_backward(dy, x, weight, options, list(mask))
@@ -212,7 +212,7 @@ class _Conv2dGrad(torch.autograd.Function):
         ctx.set_materialize_grads(False)
 
     @staticmethod
-    def backward(  # type: ignore[override]
+    def backward(
         ctx: Any, a: Tensor | None, u: Tensor | None, c: Tensor | None
     ) -> tuple[Tensor | None, ...]:
         dy, x, weight = ctx.saved_tensors
@@ -269,6 +269,23 @@ def _pair(value: int | Sequence[int]) -> list[int]:
     return [value, value] if isinstance(value, int) else [int(v) for v in value]
 
 
+_PYTORCH = contextvars.ContextVar("pytorch_double_backward", default=False)
+
+
+@contextlib.contextmanager
+def pytorch_double_backward() -> Iterator[None]:
+    """Inside, :class:`ShortDoubleBackward` routes nothing: every layer is PyTorch's own.
+
+    For comparisons (``benchmarks/speed.py --double-backward both``) and for telling a suspected
+    difference apart; the meta-gradients agree up to rounding either way.
+    """
+    token = _PYTORCH.set(True)
+    try:
+        yield
+    finally:
+        _PYTORCH.reset(token)
+
+
 class ShortDoubleBackward(TorchFunctionMode):
     """Routes ``F.batch_norm`` and ``F.conv2d`` to :func:`batch_norm` and :func:`conv2d` where
     those compute the same thing.
@@ -279,10 +296,12 @@ class ShortDoubleBackward(TorchFunctionMode):
     convolution, a 4-d input and numeric padding. Other calls run unchanged.
     """
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if (func is F.batch_norm or func is torch.conv2d) and not (
-            torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling()
+            torch._C._are_functorch_transforms_active()
+            or torch.compiler.is_compiling()
+            or _PYTORCH.get()
         ):
             if func is F.batch_norm:
                 call = _F_BATCH_NORM.bind(*args, **kwargs)

@@ -12,7 +12,12 @@ from torch import nn
 from torch.func import grad, vmap
 from torch.nn import functional as F
 
-from lightning_maml.double_backward import ShortDoubleBackward, batch_norm, conv2d
+from lightning_maml.double_backward import (
+    ShortDoubleBackward,
+    batch_norm,
+    conv2d,
+    pytorch_double_backward,
+)
 from lightning_maml.functional import differentiated_twice
 
 SHAPES = [(3, 4, 5, 5), (6, 3), (2, 3, 4), (1, 2, 3, 3)]
@@ -203,3 +208,33 @@ def test_the_mode_routes_only_the_convolutions_it_computes_alike():
         nn.functional.conv2d(x[0], w, b, padding=1)  # unbatched
         vmap(lambda t: nn.functional.conv2d(t, w, b, padding=1))(x.unsqueeze(0))
     assert seen == [True, False, False, False]
+
+
+def test_pytorch_double_backward_turns_the_routing_off_and_gives_the_same_meta_gradient():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3, track_running_stats=False), nn.Flatten()
+    ).double()
+    x = torch.randn(4, 1, 5, 5, dtype=torch.float64)
+    names = [n for n, _ in model.named_parameters()]
+
+    def meta_gradient():
+        leaves = [p.detach().clone().requires_grad_() for p in model.parameters()]
+
+        def loss(params):
+            out = torch.func.functional_call(model, dict(zip(names, params, strict=True)), (x,))
+            return out.pow(2).mean()
+
+        with differentiated_twice():
+            out = torch.func.functional_call(model, dict(zip(names, leaves, strict=True)), (x,))
+            kind = out.grad_fn.next_functions[0][0].name()
+            g = torch.autograd.grad(out.pow(2).mean(), leaves, create_graph=True)
+        adapted = [p - 0.1 * gp for p, gp in zip(leaves, g, strict=True)]
+        return kind, torch.autograd.grad(loss(adapted), leaves)
+
+    short_kind, short = meta_gradient()
+    with pytorch_double_backward():
+        torch_kind, theirs = meta_gradient()
+    assert "_BatchNorm" in short_kind and "_BatchNorm" not in torch_kind
+    for a, b in zip(short, theirs, strict=True):
+        torch.testing.assert_close(a, b)

@@ -64,3 +64,32 @@ def test_speedups_against_the_loop_and_learn2learn(capsys):
         "l2l-FOMAML": (1.5, None),
     }
     assert "1.60x" in capsys.readouterr().out
+
+
+def test_double_backward_both_times_each_row_beside_pytorchs(capsys):
+    args = speed.parse_args(
+        [
+            "--setup",
+            "omniglot",
+            "--variants",
+            "MAML",
+            "loop-MAML",
+            "--meta-batch-size",
+            "1",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--device",
+            "cpu",
+            "--double-backward",
+            "both",
+        ]
+    )
+    block = speed.measure_block(args, args.variants, 1)
+    assert [r["variant"] for r in block] == ["MAML", "MAML [torch 2nd]", "loop-MAML"]
+    speed.print_block(block)
+    loop = block[2]["ms"]
+    for row in block[:2]:
+        assert row["speedup_vs_loop"] == pytest.approx(loop / row["ms"])
+    assert "MAML [torch 2nd]" in capsys.readouterr().out
