@@ -83,19 +83,24 @@ def test_a_third_derivative_raises_instead_of_being_wrong():
     assert torch.isfinite(ggx).all()
 
 
-def test_the_mode_routes_only_the_batch_norms_it_computes_alike():
-    x, weight, bias = inputs((4, 3, 2, 2))
-    routed = []
+def routing_spy(layer, node: str, routed: list[bool]) -> ShortDoubleBackward:
+    """The mode, recording for each call of ``layer`` whether its output came from ``node``."""
 
     class Spy(ShortDoubleBackward):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             out = super().__torch_function__(func, types, args, kwargs)
-            if func is F.batch_norm:
-                routed.append(out.grad_fn is not None and "_BatchNorm" in out.grad_fn.name())
+            if func is layer:
+                routed.append(out.grad_fn is not None and node in out.grad_fn.name())
             return out
 
+    return Spy()
+
+
+def test_the_mode_routes_only_the_batch_norms_it_computes_alike():
+    x, weight, bias = inputs((4, 3, 2, 2))
+    routed: list[bool] = []
     running_mean, running_var = torch.zeros(3, dtype=x.dtype), torch.ones(3, dtype=x.dtype)
-    with Spy():
+    with routing_spy(F.batch_norm, "_BatchNorm", routed):
         F.batch_norm(x, None, None, weight, bias, training=True)  # routed
         F.batch_norm(x, None, None, None, None, training=True)  # no affine layer
         F.batch_norm(x, running_mean, running_var, weight, bias, training=True)  # estimates
@@ -193,16 +198,8 @@ def test_conv_of_an_input_without_gradient_and_the_third_derivative():
 
 def test_the_mode_routes_only_the_convolutions_it_computes_alike():
     x, w, b = conv_inputs(4, 1, True)
-    seen = []
-
-    class Spy(ShortDoubleBackward):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            out = super().__torch_function__(func, types, args, kwargs)
-            if func is torch.conv2d:
-                seen.append(out.grad_fn is not None and "_Conv2d" in out.grad_fn.name())
-            return out
-
-    with Spy():
+    seen: list[bool] = []
+    with routing_spy(torch.conv2d, "_Conv2d", seen):
         nn.functional.conv2d(x, w, b, padding=1)  # routed
         nn.functional.conv2d(x, w, b, padding="same")  # string padding
         nn.functional.conv2d(x[0], w, b, padding=1)  # unbatched
