@@ -8,8 +8,8 @@ and channels swapped, which oneDNN runs slowly for the small support sets of few
 Here the forward and the first backward are PyTorch's own fused kernels, and the backward of
 that backward is written out from its closed form (below), with the kernels that suit it.
 :func:`~lightning_maml.functional.differentiated_twice` routes ``F.batch_norm`` and
-``F.conv2d`` here (:class:`ShortDoubleBackward`) where they apply: outside ``torch.func``
-transforms and ``torch.compile``, batch normalisation with batch statistics (no running
+``F.conv2d`` here (:class:`ShortDoubleBackward`) where they apply: on a CPU (measured there; accelerators keep
+PyTorch's path), outside ``torch.func`` transforms and ``torch.compile``, batch normalisation with batch statistics (no running
 estimates) and an affine layer, and 2-d convolution with numeric padding. Anything else keeps
 PyTorch's own path.
 
@@ -290,10 +290,11 @@ class ShortDoubleBackward(TorchFunctionMode):
     """Routes ``F.batch_norm`` and ``F.conv2d`` to :func:`batch_norm` and :func:`conv2d` where
     those compute the same thing.
 
-    That is: not under ``torch.func`` transforms (a custom autograd function there would need
-    a vmap rule) or ``torch.compile``; for batch normalisation, batch statistics (training
-    mode, no running estimates), an affine layer and an input with a channel dimension; for a
-    convolution, a 4-d input and numeric padding. Other calls run unchanged.
+    That is: on a CPU (where it was measured; accelerators keep PyTorch's path), not under
+    ``torch.func`` transforms (a custom autograd function there would need a vmap rule) or
+    ``torch.compile``; for batch normalisation, batch statistics (training mode, no running
+    estimates), an affine layer and an input with a channel dimension; for a convolution, a
+    4-d input and numeric padding. Other calls run unchanged.
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -315,12 +316,14 @@ class ShortDoubleBackward(TorchFunctionMode):
                     and isinstance(weight, Tensor)
                     and isinstance(bias, Tensor)
                     and x.dim() >= 2
+                    and x.device.type == "cpu"
                 ):
                     return batch_norm(x, weight, bias, a["eps"])
             else:
                 c = dict(zip(_CONV2D_ARGS, args, strict=False)) | kwargs
                 padding = c.get("padding", 0)
-                if c["input"].dim() == 4 and not isinstance(padding, str):
+                x = c["input"]
+                if x.dim() == 4 and x.device.type == "cpu" and not isinstance(padding, str):
                     return conv2d(c.pop("input"), **c)
         return func(*args, **kwargs)
 

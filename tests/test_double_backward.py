@@ -106,7 +106,9 @@ def test_the_mode_routes_only_the_batch_norms_it_computes_alike():
         F.batch_norm(x, running_mean, running_var, weight, bias, training=True)  # estimates
         F.batch_norm(x, running_mean, running_var, weight, bias, training=False)  # eval
         vmap(lambda t: F.batch_norm(t, None, None, weight, bias, training=True))(x.unsqueeze(0))
-    assert routed == [True, False, False, False, False]
+        meta = [t.detach().to("meta").requires_grad_() for t in (x, weight, bias)]
+        F.batch_norm(meta[0], None, None, meta[1], meta[2], training=True)  # not a CPU
+    assert routed == [True, False, False, False, False, False]
 
 
 def test_differentiated_twice_routes_a_models_layers_and_gets_maml_right():
@@ -204,7 +206,9 @@ def test_the_mode_routes_only_the_convolutions_it_computes_alike():
         nn.functional.conv2d(x, w, b, padding="same")  # string padding
         nn.functional.conv2d(x[0], w, b, padding=1)  # unbatched
         vmap(lambda t: nn.functional.conv2d(t, w, b, padding=1))(x.unsqueeze(0))
-    assert seen == [True, False, False, False]
+        meta = [t.detach().to("meta").requires_grad_() for t in (x, w, b)]
+        nn.functional.conv2d(*meta, padding=1)  # not a CPU
+    assert seen == [True, False, False, False, False]
 
 
 def test_pytorch_double_backward_turns_the_routing_off_and_gives_the_same_meta_gradient():
