@@ -22,6 +22,7 @@ RANK = {
     "checkpoint_io": 0,
     "threads": 0,
     "cpu": 0,
+    "double_backward": 0,
     "functional": 1,
     "metrics": 1,
     "models": 1,
