@@ -119,7 +119,6 @@ class _BatchNormGrad(torch.autograd.Function):
         dy, x, weight, mean, invstd, _ = inputs
         _, dg, db = output
         ctx.save_for_backward(dy, x, weight, mean, invstd, dg, db)
-        ctx.mark_non_differentiable(mean, invstd)
 
     @staticmethod
     def backward(ctx: Any, a: Tensor, u: Tensor, c: Tensor) -> tuple[Tensor | None, ...]:
