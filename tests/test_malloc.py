@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 #: Page faults of ten forward and backward passes of the Omniglot conv net on a query set
-#: (75 images; activations of up to 15 MiB, alive together until the backward), after three
+#: (75 images; activations of up to 15 MiB, alive together until the backward), after six
 #: passes of warm-up; the child process prints them.
 FAULTS = """
 import resource, torch
@@ -29,7 +29,7 @@ model, x = ConvNet(1, 5, 64, 28), torch.randn(75, 1, 28, 28)
 def step():
     model(x).logsumexp(1).sum().backward()
 def faults():
-    for _ in range(3):
+    for _ in range(6):
         step()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(10):
@@ -53,17 +53,20 @@ def run(code: str, **env: str) -> str:
 
 
 def test_freed_blocks_are_reused_instead_of_faulted_in_again():
-    # Freed activations returned to the system are faulted in again by the next pass (several
-    # thousand pages a pass); kept, they are reused.
-    default = int(run(FAULTS + "print(faults())"))
+    # Returned to the system, freed activations are faulted in again by the next pass. glibc
+    # adapts its threshold to the blocks it sees, so how often depends on the process's history;
+    # MALLOC_MMAP_THRESHOLD_ at its initial value (128 KiB) fixes it, for a count that repeats.
+    returned = int(run(FAULTS + "print(faults())", MALLOC_MMAP_THRESHOLD_="131072"))
     kept = int(
         run(
             "from lightning_maml.cpu import keep_freed_memory\n"
             "assert keep_freed_memory()\n" + FAULTS + "print(faults())"
         )
     )
-    assert default > 10 * 2_000
-    assert kept < 1_000
+    # Kept, they are reused: at most the odd growth of the heap (measured: 0 to 1,838 faults in
+    # ten passes, against 274,000 returned).
+    assert returned > 10 * 10_000
+    assert kept < returned / 20
 
 
 @pytest.mark.parametrize(
