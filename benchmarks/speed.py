@@ -410,7 +410,10 @@ def measure_block(args, variants: list[str], steps: int) -> list[dict]:
     model = model.to(device)
     if args.double_backward == "both":
         # Beside each of our rows, the same row with PyTorch's own double backward.
-        variants = [r for v in variants for r in (v, *[v + TORCH_SECOND][: v not in REFERENCES])]
+        paired = []
+        for v in variants:
+            paired += [v] if v in REFERENCES else [v, v + TORCH_SECOND]
+        variants = paired
     runs = {v: step_fn(v, model, loss_fn, batch, inner_lr, steps, args) for v in variants}
     for run in runs.values():
         for _ in range(args.warmup):
@@ -447,13 +450,8 @@ def check_gradients(args) -> list[dict]:
     device = torch.device(args.device)
     model, loss_fn, batch, inner_lr = make_setup(args.setup, device, args.meta_batch_size)
     model = model.to(device, torch.float64)
-    batch = TaskBatch(
-        batch.support_x.double(), batch.support_y, batch.query_x.double(), batch.query_y
-    )
-    if batch.support_y.is_floating_point():
-        batch = TaskBatch(
-            batch.support_x, batch.support_y.double(), batch.query_x, batch.query_y.double()
-        )
+    tensors = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+    batch = TaskBatch(*(t.double() if t.is_floating_point() else t for t in tensors))
     labels = [*LOOPS, *(L2L if learn2learn_installed() else {}), "MAML", "FOMAML"]
     print("meta-gradients against the loop of the same order, float64, largest |difference|:")
     results = []
@@ -748,7 +746,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--check",
         action="store_true",
-        help="first compare the loops', learn2learn's and MAML's / FOMAML's meta-gradients (float64)",
+        help="first compare the loops', learn2learn's and MAML's / FOMAML's meta-gradients "
+        "(float64)",
     )
     parser.add_argument("--output", type=Path, default=None, help="write the rows as JSON")
     args = parser.parse_args(argv)

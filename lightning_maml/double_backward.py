@@ -8,10 +8,10 @@ and channels swapped, which oneDNN runs slowly for the small support sets of few
 Here the forward and the first backward are PyTorch's own fused kernels, and the backward of
 that backward is written out from its closed form (below), with the kernels that suit it.
 :func:`~lightning_maml.functional.differentiated_twice` routes ``F.batch_norm`` and
-``F.conv2d`` here (:class:`ShortDoubleBackward`) where they apply: on a CPU (measured there; accelerators keep
-PyTorch's path), outside ``torch.func`` transforms and ``torch.compile``, batch normalisation with batch statistics (no running
-estimates) and an affine layer, and 2-d convolution with numeric padding. Anything else keeps
-PyTorch's own path.
+``F.conv2d`` here (:class:`ShortDoubleBackward`) where they apply: on a CPU (measured there;
+accelerators keep PyTorch's path), outside ``torch.func`` transforms and ``torch.compile``,
+batch normalisation with batch statistics (no running estimates) and an affine layer, and 2-d
+convolution with numeric padding. Anything else keeps PyTorch's own path.
 
 Batch normalisation, per channel with ``N`` elements, ``s = 1/sqrt(var + eps)``,
 ``xh = (x - mean) s``, weight ``g``; the first backward of ``y = g xh + b`` is::
@@ -320,10 +320,13 @@ class ShortDoubleBackward(TorchFunctionMode):
                     return batch_norm(x, weight, bias, a["eps"])
             else:
                 c = dict(zip(_CONV2D_ARGS, args, strict=False)) | kwargs
-                padding = c.get("padding", 0)
-                x = c["input"]
-                if x.dim() == 4 and x.device.type == "cpu" and not isinstance(padding, str):
-                    return conv2d(c.pop("input"), **c)
+                x = c.pop("input")
+                if (
+                    x.dim() == 4
+                    and x.device.type == "cpu"
+                    and not isinstance(c.get("padding"), str)
+                ):
+                    return conv2d(x, **c)
         return func(*args, **kwargs)
 
 
