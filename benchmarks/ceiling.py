@@ -1,0 +1,277 @@
+"""How fast the Omniglot conv meta-step could get by speeding up its query passes alone.
+
+A meta-step of MAML or FO-MAML is two kinds of work: the *inner part* (each task's inner
+steps on its support set, and for MAML the second-order pass back through them) and the
+*query part* (each task's query forward and backward at its adapted point). This script times
+both apart, interleaved in one process, and derives two ceilings:
+
+- **bf16-mixed.** ``precision="bf16-mixed"`` runs the query part in bf16 and keeps the inner
+  part in fp32: in bf16 the inner gradients move the adapted point enough to turn the
+  meta-gradient (``bf16_check.py``'s ``inner`` and ``all`` policies). Whatever bf16 does to
+  the query part, its speed-up is then at most ``step / inner`` (a query part taking no time);
+  with the query part's own measured bf16 speed-up ``s``, it is about
+  ``step / (step - query + query / s)``.
+- **Against the clone-and-adapt loop.** Ours over the loop's time is at least ``inner /
+  loop step`` whatever the query part costs; ``inner / loop inner`` says how much faster our
+  inner part is than the loop's, which runs the same PyTorch kernels on the same 5-image
+  support sets.
+
+The inner part is timed by replacing each task's query loss with ``<w_k, v>`` (a fixed random
+``v``): the same inner steps, and for MAML the same second-order pass through them (the
+meta-backward carries ``v`` in place of the query gradient), with no query pass. The query part
+is each task's query loss and its gradient at a detached adapted point, in the layout and
+precision the library uses. ``step`` is the library's own meta-gradient (``MAML``, ``FOMAML``).
+
+Usage::
+
+    OMP_NUM_THREADS=1 python benchmarks/ceiling.py --threads 1 --inner-steps 1 5 --repeats 8
+
+The batch is speed.py's Omniglot setup (meta-batch 4 by default, 5-way 1-shot, 15 queries).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from speed import PlainConvNet, clone_module, loop_step, make_setup
+
+from lightning_maml import FOMAML, MAML, TaskBatch
+from lightning_maml.cpu import cpu_bf16_support, cpu_name, keep_freed_memory
+from lightning_maml.functional import Params, TaskModel
+
+ALGORITHMS = {"MAML": MAML, "FOMAML": FOMAML}
+
+
+def bf16(enabled: bool = True):
+    """bf16 autocast on the CPU, as a ``bf16-mixed`` Trainer enters it."""
+    return torch.autocast("cpu", torch.bfloat16, enabled=enabled)
+
+
+def inner_part(
+    task: TaskModel,
+    batch: TaskBatch,
+    inner_lr: float,
+    steps: int,
+    first_order: bool,
+    directions: list[Params] | None = None,
+) -> Callable[[], Params]:
+    """Each task's inner steps and, for MAML, the backward through them of ``<w_k, v>``.
+
+    ``directions`` holds each task's ``v`` (by default one fixed random ``v`` for all); the
+    run returns the sum over tasks of the gradients of ``<w_k, v>`` with respect to ``w_0``
+    (MAML), or an empty dictionary (FO-MAML, whose meta-gradient does not pass back through
+    the loop).
+    """
+    params = {n: p for n, p in task.model.named_parameters()}
+    if directions is None:
+        generator = torch.Generator().manual_seed(1)
+        fixed = {
+            n: torch.randn(p.shape, generator=generator, dtype=p.dtype) for n, p in params.items()
+        }
+        directions = [fixed] * batch.num_tasks
+    step_sizes = [{n: inner_lr for n in params}] * steps
+
+    def run() -> Params:
+        # Task by task, as the library's per-task path runs them (one task's graph at a time).
+        total = {n: torch.zeros_like(p) for n, p in params.items()}
+        for i in range(batch.num_tasks):
+            adapted, _ = task.adapt(
+                params, batch.support_x[i], batch.support_y[i], step_sizes, first_order=first_order
+            )
+            if first_order:
+                continue
+            surrogate = sum((adapted[n] * directions[i][n]).sum() for n in params)
+            for n, g in zip(
+                params, torch.autograd.grad(surrogate, list(params.values())), strict=True
+            ):
+                total[n] += g
+        return {} if first_order else total
+
+    return run
+
+
+def query_part(
+    task: TaskModel, batch: TaskBatch, inner_lr: float, steps: int, precision: str
+) -> Callable[[], list[Params]]:
+    """Each task's query loss and its gradient at the task's adapted point (kept detached);
+    the run returns those gradients, one dictionary per task."""
+    params = {n: p.detach() for n, p in task.model.named_parameters()}
+    step_sizes = [{n: inner_lr for n in params}] * steps
+    points: list[Params] = []
+    for i in range(batch.num_tasks):
+        adapted, _ = task.adapt(
+            params, batch.support_x[i], batch.support_y[i], step_sizes, first_order=True
+        )
+        points.append({n: w.detach().requires_grad_() for n, w in adapted.items()})
+
+    def run() -> list[Params]:
+        grads = []
+        with bf16(precision == "bf16"):
+            for i, point in enumerate(points):
+                loss = task.loss(point, batch.query_x[i], batch.query_y[i])
+                grads.append(
+                    dict(zip(point, torch.autograd.grad(loss, list(point.values())), strict=True))
+                )
+        return grads
+
+    return run
+
+
+def loop_inner_part(
+    net: nn.Module,
+    loss_fn,
+    batch: TaskBatch,
+    inner_lr: float,
+    steps: int,
+    first_order: bool,
+    directions: list[Params] | None = None,
+) -> Callable[[], Params]:
+    """The clone-and-adapt loop's inner part, as :func:`inner_part` measures ours (and with
+    the same result)."""
+    names = [n for n, _ in net.named_parameters()]
+    if directions is None:
+        generator = torch.Generator().manual_seed(1)
+        fixed = {
+            n: torch.randn(p.shape, generator=generator, dtype=p.dtype)
+            for n, p in net.named_parameters()
+        }
+        directions = [fixed] * batch.num_tasks
+
+    def run() -> Params:
+        total = {n: torch.zeros_like(p) for n, p in net.named_parameters()}
+        for i in range(batch.num_tasks):
+            learner = clone_module(net)
+            for _ in range(steps):
+                modules = list(learner.modules())
+                params = [p for m in modules for p in m._parameters.values() if p is not None]
+                loss = loss_fn(learner(batch.support_x[i]), batch.support_y[i])
+                grads = iter(torch.autograd.grad(loss, params, create_graph=not first_order))
+                for m in modules:
+                    for k, p in m._parameters.items():
+                        if p is not None:
+                            g = next(grads)
+                            m._parameters[k] = p - inner_lr * (g.detach() if first_order else g)
+            if first_order:
+                continue
+            adapted = [
+                p for m in learner.modules() for p in m._parameters.values() if p is not None
+            ]
+            surrogate = sum(
+                (w * directions[i][n]).sum() for n, w in zip(names, adapted, strict=True)
+            )
+            for n, g in zip(
+                names, torch.autograd.grad(surrogate, list(net.parameters())), strict=True
+            ):
+                total[n] += g
+        return {} if first_order else total
+
+    return run
+
+
+def library_step(
+    model: nn.Module, loss_fn, batch: TaskBatch, inner_lr: float, steps: int, name: str, half: bool
+) -> Callable[[], None]:
+    """The library's meta-gradient of ``name``, in fp32 or under bf16 autocast."""
+    algorithm = ALGORITHMS[name](inner_lr, inner_steps=steps)
+    algorithm.bind(model)
+
+    def run() -> None:
+        with bf16(half):
+            algorithm.meta_gradient(model, loss_fn, batch)
+
+    return run
+
+
+def measure(args, name: str, steps: int) -> dict[str, float]:
+    """The fastest of ``args.repeats`` interleaved rounds of every part, in ms."""
+    model, loss_fn, batch, inner_lr = make_setup(
+        "omniglot", torch.device("cpu"), args.meta_batch_size
+    )
+    first_order = name == "FOMAML"
+    task = TaskModel(model, loss_fn)
+    loop_net = PlainConvNet(copy.deepcopy(model))
+    runs = {
+        "step": library_step(model, loss_fn, batch, inner_lr, steps, name, False),
+        "step bf16": library_step(model, loss_fn, batch, inner_lr, steps, name, True),
+        "inner": inner_part(task, batch, inner_lr, steps, first_order),
+        "query": query_part(task, batch, inner_lr, steps, "fp32"),
+        "query bf16": query_part(task, batch, inner_lr, steps, "bf16"),
+        "loop": functools.partial(
+            loop_step, loop_net, loss_fn, batch, inner_lr, steps, first_order
+        ),
+        "loop inner": loop_inner_part(loop_net, loss_fn, batch, inner_lr, steps, first_order),
+    }
+    if not args.bf16:
+        for key in ("step bf16", "query bf16"):
+            del runs[key]
+    for run in runs.values():
+        for _ in range(args.warmup):
+            run()
+    best = {key: float("inf") for key in runs}
+    for _ in range(args.repeats):
+        for key, run in runs.items():
+            start = time.process_time()
+            run()
+            best[key] = min(best[key], (time.process_time() - start) * 1e3)
+    return best
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
+    parser.add_argument("--inner-steps", type=int, nargs="+", default=[1, 5])
+    parser.add_argument("--meta-batch-size", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=8, help="timed rounds")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    keep_freed_memory()
+    args.bf16 = cpu_bf16_support()
+    print(f"cpu: {cpu_name()}; threads={torch.get_num_threads()}; torch={torch.__version__}")
+    if not args.bf16:
+        print("this CPU lacks native bf16 (avx512_bf16, amx_bf16): the bf16 columns are left out")
+    print("ms, the fastest of the interleaved rounds (process CPU clock)")
+    header = ["row", "step", "inner", "query", "loop", "loop inner"]
+    header += ["step bf16", "query bf16"] if args.bf16 else []
+    header += ["inner/loop", "inner/loop inner", "step/loop"]
+    header += ["bf16 max", "bf16 at s", "bf16 measured"] if args.bf16 else []
+    print(" | ".join(header))
+    for steps in args.inner_steps:
+        for name in args.algorithms:
+            torch.manual_seed(0)
+            ms = measure(args, name, steps)
+            cells = [f"{name}, {steps} step{'s' * (steps > 1)}"]
+            cells += [f"{ms[k]:.1f}" for k in ("step", "inner", "query", "loop", "loop inner")]
+            if args.bf16:
+                cells += [f"{ms['step bf16']:.1f}", f"{ms['query bf16']:.1f}"]
+            cells += [
+                f"{ms['inner'] / ms['loop']:.2f}",
+                f"{ms['inner'] / ms['loop inner']:.2f}",
+                f"{ms['step'] / ms['loop']:.2f}",
+            ]
+            if args.bf16:
+                at_s = ms["step"] / (ms["step"] - ms["query"] + ms["query bf16"])
+                cells += [
+                    f"{ms['step'] / ms['inner']:.2f}x",
+                    f"{at_s:.2f}x (s={ms['query'] / ms['query bf16']:.2f})",
+                    f"{ms['step'] / ms['step bf16']:.2f}x",
+                ]
+            print(" | ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()
