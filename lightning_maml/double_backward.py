@@ -11,7 +11,9 @@ that backward is written out from its closed form (below), with the kernels that
 ``F.conv2d`` here (:class:`ShortDoubleBackward`) where they apply: on a CPU (measured there;
 accelerators keep PyTorch's path), outside ``torch.func`` transforms and ``torch.compile``,
 batch normalisation with batch statistics (no running estimates) and an affine layer, and 2-d
-convolution with numeric padding. Anything else keeps PyTorch's own path.
+convolution with numeric padding. ``F.max_pool2d`` of a contiguous NCHW input is routed too
+(:func:`max_pool2d`): there the CPU's NCHW kernel is the slow part, not the double backward, and
+the channels-last kernel computes the same result. Anything else keeps PyTorch's own path.
 
 Batch normalisation, per channel with ``N`` elements, ``s = 1/sqrt(var + eps)``,
 ``xh = (x - mean) s``, weight ``g``; the first backward of ``y = g xh + b`` is::
@@ -52,7 +54,13 @@ from torch import Tensor
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["ShortDoubleBackward", "batch_norm", "conv2d", "pytorch_double_backward"]
+__all__ = [
+    "ShortDoubleBackward",
+    "batch_norm",
+    "conv2d",
+    "max_pool2d",
+    "pytorch_double_backward",
+]
 
 
 def _channel_dims(x: Tensor) -> tuple[list[int], list[int], int]:
@@ -268,6 +276,64 @@ def _pair(value: int | Sequence[int]) -> list[int]:
     return [value, value] if isinstance(value, int) else [int(v) for v in value]
 
 
+class _MaxPool2d(torch.autograd.Function):
+    """``max_pool2d`` of an NCHW input by the channels-last kernel, its result NCHW again.
+
+    The CPU's NCHW max-pool kernel is several times slower than its channels-last one on a
+    few-shot support set, more than a layout copy costs, and the passes of
+    :func:`~lightning_maml.functional.differentiated_twice` run NCHW. The indices are positions
+    within each ``(n, c)`` plane, the same in either layout, and the backward is PyTorch's own
+    (``max_pool2d_with_indices_backward``, itself differentiable to any order).
+    """
+
+    @staticmethod
+    def forward(x: Tensor, options: tuple) -> tuple[Tensor, Tensor]:
+        out, indices = torch.ops.aten.max_pool2d_with_indices(
+            x.contiguous(memory_format=torch.channels_last), *options
+        )
+        return out.contiguous(), indices.contiguous()
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
+        x, options = inputs
+        ctx.save_for_backward(x, output[1])
+        ctx.mark_non_differentiable(output[1])
+        ctx.options = options
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor, _: Tensor) -> tuple[Tensor | None, ...]:
+        x, indices = ctx.saved_tensors
+        dx = torch.ops.aten.max_pool2d_with_indices_backward(dy, x, *ctx.options, indices)
+        return dx, None
+
+
+def max_pool2d(
+    x: Tensor,
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int] | None = None,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    ceil_mode: bool = False,
+) -> Tensor:
+    """``F.max_pool2d`` of a contiguous NCHW input through the channels-last kernel.
+
+    Args:
+        x: The input, ``(N, C, H, W)``.
+        kernel_size: As ``F.max_pool2d``'s.
+        stride: As ``F.max_pool2d``'s (``None`` or empty: the kernel size).
+        padding: As ``F.max_pool2d``'s.
+        dilation: As ``F.max_pool2d``'s.
+        ceil_mode: As ``F.max_pool2d``'s.
+
+    Returns:
+        ``F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)``, contiguous NCHW.
+    """
+    kernel = _pair(kernel_size)
+    steps = kernel if stride is None or (not isinstance(stride, int) and not stride) else stride
+    options = (kernel, _pair(steps), _pair(padding), _pair(dilation), bool(ceil_mode))
+    return _MaxPool2d.apply(x, options)[0]
+
+
 _PYTORCH = contextvars.ContextVar("pytorch_double_backward", default=False)
 
 
@@ -286,19 +352,20 @@ def pytorch_double_backward() -> Iterator[None]:
 
 
 class ShortDoubleBackward(TorchFunctionMode):
-    """Routes ``F.batch_norm`` and ``F.conv2d`` to :func:`batch_norm` and :func:`conv2d` where
-    those compute the same thing.
+    """Routes ``F.batch_norm``, ``F.conv2d`` and ``F.max_pool2d`` to :func:`batch_norm`,
+    :func:`conv2d` and :func:`max_pool2d` where those compute the same thing.
 
     That is: on a CPU (where it was measured; accelerators keep PyTorch's path), not under
     ``torch.func`` transforms (a custom autograd function there would need a vmap rule) or
     ``torch.compile``; for batch normalisation, batch statistics (training mode, no running
     estimates), an affine layer and an input with a channel dimension; for a convolution, a
-    4-d input and numeric padding. Other calls run unchanged.
+    4-d input and numeric padding; for max-pooling, a contiguous NCHW 4-d input and no indices
+    asked for. Other calls run unchanged.
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if (func is F.batch_norm or func is torch.conv2d) and not (
+        if (func is F.batch_norm or func is torch.conv2d or func is F.max_pool2d) and not (
             torch._C._are_functorch_transforms_active()
             or torch.compiler.is_compiling()
             or _PYTORCH.get()
@@ -318,6 +385,20 @@ class ShortDoubleBackward(TorchFunctionMode):
                     and x.device.type == "cpu"
                 ):
                     return batch_norm(x, weight, bias, a["eps"])
+            elif func is F.max_pool2d:
+                call = _F_MAX_POOL2D.bind(*args, **kwargs)
+                call.apply_defaults()
+                a = call.arguments
+                x = a.pop("input")
+                if (
+                    not a.pop("return_indices")
+                    and x.dim() == 4
+                    and x.device.type == "cpu"
+                    # NCHW only: a channels-last input takes the fast kernel already.
+                    and x.is_contiguous()
+                    and not x.is_contiguous(memory_format=torch.channels_last)
+                ):
+                    return max_pool2d(x, **a)
             else:
                 c = dict(zip(_CONV2D_ARGS, args, strict=False)) | kwargs
                 x = c.pop("input")
@@ -332,5 +413,8 @@ class ShortDoubleBackward(TorchFunctionMode):
 
 #: ``F.batch_norm``'s signature, to read a call's arguments by name.
 _F_BATCH_NORM = inspect.signature(F.batch_norm)
+#: ``F.max_pool2d``'s parameters, read from its wrapped function (the public one is a
+#: dispatcher on ``return_indices`` whose own signature is generic).
+_F_MAX_POOL2D = inspect.signature(F.max_pool2d_with_indices)
 #: ``F.conv2d``'s parameters in order (a builtin, without a signature to read).
 _CONV2D_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")

@@ -37,9 +37,9 @@ def test_maml_is_its_inner_part_carrying_the_query_gradients(setup, steps):
     task = TaskModel(model, nn.functional.cross_entropy)
     query = ceiling.query_part(task, batch, LR, steps, "fp32")()
     inner = ceiling.inner_part(task, batch, LR, steps, first_order=False, directions=query)()
-    expected = MAML(LR, inner_steps=steps).meta_gradient(
-        model, nn.functional.cross_entropy, batch
-    ).grads
+    expected = (
+        MAML(LR, inner_steps=steps).meta_gradient(model, nn.functional.cross_entropy, batch).grads
+    )
     assert inner.keys() == expected.keys()
     for name, g in expected.items():
         torch.testing.assert_close(inner[name] / TASKS, g, rtol=1e-9, atol=1e-11)
@@ -53,9 +53,9 @@ def test_fomaml_is_its_query_part(setup):
     task = TaskModel(model, nn.functional.cross_entropy)
     query = ceiling.query_part(task, batch, LR, 2, "fp32")()
     assert ceiling.inner_part(task, batch, LR, 2, first_order=True)() == {}
-    expected = FOMAML(LR, inner_steps=2).meta_gradient(
-        model, nn.functional.cross_entropy, batch
-    ).grads
+    expected = (
+        FOMAML(LR, inner_steps=2).meta_gradient(model, nn.functional.cross_entropy, batch).grads
+    )
     for name, g in expected.items():
         torch.testing.assert_close(sum(q[name] for q in query) / TASKS, g, rtol=1e-9, atol=1e-11)
 
@@ -76,10 +76,8 @@ def test_the_loop_computes_our_inner_part(setup, steps):
 
 
 def test_main_prints_a_row(capsys):
-    ceiling.main(
-        ["--algorithms", "FOMAML", "--inner-steps", "1", "--repeats", "1", "--warmup", "0"]
-        + ["--meta-batch-size", "1", "--threads", "1"]
-    )
+    arguments = "--algorithms FOMAML --inner-steps 1 --repeats 1 --warmup 0 --meta-batch-size 1"
+    ceiling.main([*arguments.split(), "--threads", "1"])
     lines = capsys.readouterr().out.splitlines()
     header = next(line for line in lines if line.startswith("row |"))
     row = next(line for line in lines if line.startswith("FOMAML, 1 step |"))

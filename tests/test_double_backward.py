@@ -1,7 +1,8 @@
-"""Batch normalisation and convolution with closed-form double backwards, against torch.autograd.
+"""Batch normalisation and convolution with closed-form double backwards, and max-pooling through
+the channels-last kernel, against torch.autograd.
 
-The reference is ``F.batch_norm`` and ``F.conv2d`` differentiated twice by PyTorch itself, in
-float64, and torch.autograd's numerical checks of the first and second derivatives.
+The reference is ``F.batch_norm``, ``F.conv2d`` and ``F.max_pool2d`` differentiated twice by
+PyTorch itself, in float64, and torch.autograd's numerical checks of the first and second derivatives.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from lightning_maml.double_backward import (
     ShortDoubleBackward,
     batch_norm,
     conv2d,
+    max_pool2d,
     pytorch_double_backward,
 )
 from lightning_maml.functional import differentiated_twice
@@ -239,3 +241,54 @@ def test_pytorch_double_backward_turns_the_routing_off_and_gives_the_same_meta_g
     assert "_BatchNorm" in short_kind and "_BatchNorm" not in torch_kind
     for a, b in zip(short, theirs, strict=True):
         torch.testing.assert_close(a, b)
+
+
+POOLS = [
+    # shape, kernel_size, stride, padding, dilation, ceil_mode
+    ((3, 4, 8, 8), 2, None, 0, 1, False),
+    ((2, 3, 7, 7), 2, None, 0, 1, False),  # odd: the last row and column are dropped
+    ((2, 3, 7, 7), 2, None, 0, 1, True),
+    ((2, 3, 9, 8), (3, 2), (2, 1), (1, 0), 1, False),
+    ((2, 3, 9, 9), 3, 2, 1, 2, False),
+    ((1, 1, 6, 6), 2, [], 0, 1, False),  # an empty stride is the kernel size
+]
+
+
+@pytest.mark.parametrize(("shape", "kernel", "stride", "padding", "dilation", "ceil"), POOLS)
+def test_max_pool_values_and_derivatives_equal_pytorchs(
+    shape, kernel, stride, padding, dilation, ceil
+):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g, dtype=torch.float64).requires_grad_()
+    options = (kernel, stride, padding, dilation, ceil)
+    torch_stride = None if stride == [] else stride
+
+    def second(layer, *options):
+        y = layer(x, *options)
+        (first,) = torch.autograd.grad((y**3).sum(), (x,), create_graph=True)
+        return y, first, torch.autograd.grad((first**2 * x).sum(), (x,))[0]
+
+    ours = second(max_pool2d, *options)
+    theirs = second(F.max_pool2d, kernel, torch_stride, padding, dilation, ceil)
+    assert ours[0].is_contiguous()
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert torch.autograd.gradgradcheck(lambda t: max_pool2d(t, *options), (x,))
+
+
+def test_the_mode_routes_only_the_nchw_max_pools():
+    x = torch.randn(3, 4, 6, 6, dtype=torch.float64, requires_grad=True)
+    seen: list[bool] = []
+    with routing_spy(F.max_pool2d, "_MaxPool2d", seen):
+        F.max_pool2d(x, 2)  # routed
+        nn.MaxPool2d(2, stride=2)(x)  # routed, through the module
+        # Asking for the indices calls F.max_pool2d_with_indices, which is not routed.
+        assert "_MaxPool2d" not in F.max_pool2d(x, 2, return_indices=True)[0].grad_fn.name()
+        F.max_pool2d(x.contiguous(memory_format=torch.channels_last), 2)  # fast already
+        F.max_pool2d(x[0], 2)  # unbatched
+        F.max_pool2d(x.transpose(2, 3), 2)  # not contiguous
+        vmap(lambda t: F.max_pool2d(t, 2))(x.unsqueeze(0))
+        F.max_pool2d(x.detach().to("meta").requires_grad_(), 2)  # not a CPU
+        with pytorch_double_backward():
+            F.max_pool2d(x, 2)
+    assert seen == [True, True, False, False, False, False, False, False]
