@@ -3,24 +3,28 @@
 A meta-step of MAML or FO-MAML is two kinds of work: the *inner part* (each task's inner
 steps on its support set, and for MAML the second-order pass back through them) and the
 *query part* (each task's query forward and backward at its adapted point). This script times
-both apart, interleaved in one process, and derives two ceilings:
+both apart, interleaved in one process, with the library's whole step and the clone-and-adapt
+loop's (speed.py's ``loop-MAML`` / ``loop-FOMAML`` on the plain NCHW net), and derives:
 
+- **Against the loop.** ``floor / loop = (inner + query floor) / loop step``, where the query
+  floor is the query part's FLOPs (``torch.utils.flop_counter``) at the machine's best measured
+  fp32 rate (the larger of speed.py's convolution and matmul rates, measured in the same run):
+  the least ours / loop can be with our inner part as it is, were every convolution of the query
+  pass at that rate and its BatchNorm, pooling and ReLU free. ``inner / loop inner`` compares the
+  inner parts, which run the same PyTorch kernels on the same 5-image support sets.
 - **bf16-mixed.** ``precision="bf16-mixed"`` runs the query part in bf16 and keeps the inner
   part in fp32: in bf16 the inner gradients move the adapted point enough to turn the
-  meta-gradient (``bf16_check.py``'s ``inner`` and ``all`` policies). Whatever bf16 does to
-  the query part, its speed-up is then at most ``step / inner`` (a query part taking no time);
-  with the query part's own measured bf16 speed-up ``s``, it is about
-  ``step / (step - query + query / s)``.
-- **Against the clone-and-adapt loop.** Ours over the loop's time is at least ``inner /
-  loop step`` whatever the query part costs; ``inner / loop inner`` says how much faster our
-  inner part is than the loop's, which runs the same PyTorch kernels on the same 5-image
-  support sets.
+  meta-gradient (``bf16_check.py``'s ``inner`` and ``all`` policies). Its speed-up is then at
+  most ``step / inner`` (``bf16 query free``); ``bf16 at floor`` takes the query part's FLOPs at
+  the best measured bf16 rate instead, and ``bf16 at s`` the query part's own measured bf16
+  speed-up ``s``: ``step / (step - query + query / s)``.
 
 The inner part is timed by replacing each task's query loss with ``<w_k, v>`` (a fixed random
 ``v``): the same inner steps, and for MAML the same second-order pass through them (the
 meta-backward carries ``v`` in place of the query gradient), with no query pass. The query part
 is each task's query loss and its gradient at a detached adapted point, in the layout and
-precision the library uses. ``step`` is the library's own meta-gradient (``MAML``, ``FOMAML``).
+precision the library uses. ``tests/test_ceiling.py`` checks in float64 that the two parts add
+up to the library's meta-gradient, and that the loop's inner part computes the same as ours.
 
 Usage::
 
@@ -45,7 +49,14 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from speed import PlainConvNet, clone_module, loop_step, make_setup
+from speed import (
+    PlainConvNet,
+    clone_module,
+    loop_step,
+    machine_rates,
+    make_setup,
+    meta_step_flops,
+)
 
 from lightning_maml import FOMAML, MAML, TaskBatch
 from lightning_maml.cpu import cpu_bf16_support, cpu_name, keep_freed_memory
@@ -225,7 +236,69 @@ def measure(args, name: str, steps: int) -> dict[str, float]:
             start = time.process_time()
             run()
             best[key] = min(best[key], (time.process_time() - start) * 1e3)
+    best["query gflop"] = meta_step_flops(runs["query"]) / 1e9
     return best
+
+
+def rates(args) -> dict[str, float]:
+    """The machine's best measured rate, GFLOP/s, fp32 and (where native) bf16: the larger of
+    speed.py's convolution (the second layer's shape) and 1024^3 matmul rates."""
+    measured = machine_rates(argparse.Namespace(device="cpu", repeats=args.repeats, clock="cpu"))
+    best = {"fp32": max(measured["conv_fp32"], measured["matmul_fp32"])}
+    if "conv_bf16" in measured:
+        best["bf16"] = max(measured["conv_bf16"], measured["matmul_bf16"])
+    return best
+
+
+def row(name: str, steps: int, ms: dict[str, float], peak: dict[str, float]) -> list[str]:
+    """The printed cells of one row (see :data:`HEADER`)."""
+    floor = ms["query gflop"] / peak["fp32"] * 1e3
+    cells = [f"{name}, {steps} step{'s' * (steps > 1)}"]
+    cells += [f"{ms[k]:.1f}" for k in ("step", "inner", "query", "loop", "loop inner")]
+    cells += [
+        f"{floor:.1f}",
+        f"{ms['step'] / ms['loop']:.2f}",
+        f"{(ms['inner'] + floor) / ms['loop']:.2f}",
+        f"{ms['inner'] / ms['loop inner']:.2f}",
+    ]
+    if "bf16" in peak:
+        bf16_floor = ms["query gflop"] / peak["bf16"] * 1e3
+        at_s = ms["step"] / (ms["step"] - ms["query"] + ms["query bf16"])
+        cells += [
+            f"{ms['step bf16']:.1f}",
+            f"{ms['query bf16']:.1f}",
+            f"{ms['step'] / ms['step bf16']:.2f}x",
+            f"{at_s:.2f}x (s={ms['query'] / ms['query bf16']:.2f})",
+            f"{ms['step'] / (ms['inner'] + bf16_floor):.2f}x",
+            f"{ms['step'] / ms['inner']:.2f}x",
+        ]
+    return cells
+
+
+#: The columns: times in ms; ``query floor`` is the query part's FLOPs at the machine's best
+#: fp32 rate; ``floor / loop`` the least ours / loop can be with our inner part as it is; the
+#: bf16 speed-ups are measured, predicted from the query part's own (``s``), with the query part
+#: at the best bf16 rate, and with the query part free.
+HEADER = [
+    "row",
+    "step",
+    "inner",
+    "query",
+    "loop",
+    "loop inner",
+    "query floor",
+    "ours / loop",
+    "floor / loop",
+    "inner / loop inner",
+]
+BF16_HEADER = [
+    "step bf16",
+    "query bf16",
+    "bf16",
+    "bf16 at s",
+    "bf16 at floor",
+    "bf16 query free",
+]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -244,33 +317,17 @@ def main(argv: list[str] | None = None) -> None:
     print(f"cpu: {cpu_name()}; threads={torch.get_num_threads()}; torch={torch.__version__}")
     if not args.bf16:
         print("this CPU lacks native bf16 (avx512_bf16, amx_bf16): the bf16 columns are left out")
+    peak = rates(args)
+    print(
+        "machine's best rate, GFLOP/s: "
+        + ", ".join(f"{kind} {rate:.0f}" for kind, rate in peak.items())
+    )
     print("ms, the fastest of the interleaved rounds (process CPU clock)")
-    header = ["row", "step", "inner", "query", "loop", "loop inner"]
-    header += ["step bf16", "query bf16"] if args.bf16 else []
-    header += ["inner/loop", "inner/loop inner", "step/loop"]
-    header += ["bf16 max", "bf16 at s", "bf16 measured"] if args.bf16 else []
-    print(" | ".join(header))
+    print(" | ".join(HEADER + (BF16_HEADER if args.bf16 else [])))
     for steps in args.inner_steps:
         for name in args.algorithms:
             torch.manual_seed(0)
-            ms = measure(args, name, steps)
-            cells = [f"{name}, {steps} step{'s' * (steps > 1)}"]
-            cells += [f"{ms[k]:.1f}" for k in ("step", "inner", "query", "loop", "loop inner")]
-            if args.bf16:
-                cells += [f"{ms['step bf16']:.1f}", f"{ms['query bf16']:.1f}"]
-            cells += [
-                f"{ms['inner'] / ms['loop']:.2f}",
-                f"{ms['inner'] / ms['loop inner']:.2f}",
-                f"{ms['step'] / ms['loop']:.2f}",
-            ]
-            if args.bf16:
-                at_s = ms["step"] / (ms["step"] - ms["query"] + ms["query bf16"])
-                cells += [
-                    f"{ms['step'] / ms['inner']:.2f}x",
-                    f"{at_s:.2f}x (s={ms['query'] / ms['query bf16']:.2f})",
-                    f"{ms['step'] / ms['step bf16']:.2f}x",
-                ]
-            print(" | ".join(cells), flush=True)
+            print(" | ".join(row(name, steps, measure(args, name, steps), peak)), flush=True)
 
 
 if __name__ == "__main__":

@@ -84,3 +84,22 @@ def test_main_prints_a_row(capsys):
     assert len(row.split(" | ")) == len(header.split(" | "))
     times = [float(cell) for cell in row.split(" | ")[1:6]]
     assert all(t > 0 for t in times)
+
+
+def test_the_ceilings_it_derives():
+    ms = {"step": 400.0, "inner": 100.0, "query": 280.0, "loop": 600.0, "loop inner": 125.0}
+    ms |= {"step bf16": 250.0, "query bf16": 140.0, "query gflop": 15.0}
+    cells = ceiling.row("MAML", 5, ms, {"fp32": 150.0, "bf16": 600.0})
+    assert len(cells) == len(ceiling.HEADER) + len(ceiling.BF16_HEADER)
+    by = dict(zip(ceiling.HEADER + ceiling.BF16_HEADER, cells, strict=True))
+    assert by["row"] == "MAML, 5 steps"
+    assert by["query floor"] == "100.0"  # 15 GFLOP at 150 GFLOP/s
+    assert by["ours / loop"] == "0.67"
+    assert by["floor / loop"] == "0.33"  # (100 + 100) / 600
+    assert by["inner / loop inner"] == "0.80"
+    assert by["bf16"] == "1.60x"
+    assert by["bf16 at s"] == "1.54x (s=2.00)"  # 400 / (400 - 280 + 140)
+    assert by["bf16 at floor"] == "3.20x"  # 400 / (100 + 25)
+    assert by["bf16 query free"] == "4.00x"
+    fp32_only = ceiling.row("FOMAML", 1, ms, {"fp32": 150.0})
+    assert len(fp32_only) == len(ceiling.HEADER) and fp32_only[0] == "FOMAML, 1 step"
