@@ -44,14 +44,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from speed import (
     PlainConvNet,
-    clone_module,
+    loop_adapt,
     loop_step,
     machine_rates,
     make_setup,
@@ -70,6 +70,20 @@ def bf16(enabled: bool = True):
     return torch.autocast("cpu", torch.bfloat16, enabled=enabled)
 
 
+def random_directions(named: dict[str, Tensor], tasks: int) -> list[Params]:
+    """One fixed random ``v`` (seeded) for every task, shaped as the parameters ``named``."""
+    generator = torch.Generator().manual_seed(1)
+    fixed = {n: torch.randn(p.shape, generator=generator, dtype=p.dtype) for n, p in named.items()}
+    return [fixed] * tasks
+
+
+def add_gradient(total: Params, point: Params, direction: Params, origin: Params) -> None:
+    """Adds to ``total`` the gradient of ``<point, direction>`` with respect to ``origin``."""
+    surrogate = sum((point[n] * direction[n]).sum() for n in origin)
+    for n, g in zip(origin, torch.autograd.grad(surrogate, list(origin.values())), strict=True):
+        total[n] += g
+
+
 def inner_part(
     task: TaskModel,
     batch: TaskBatch,
@@ -80,18 +94,12 @@ def inner_part(
 ) -> Callable[[], Params]:
     """Each task's inner steps and, for MAML, the backward through them of ``<w_k, v>``.
 
-    ``directions`` holds each task's ``v`` (by default one fixed random ``v`` for all); the
-    run returns the sum over tasks of the gradients of ``<w_k, v>`` with respect to ``w_0``
-    (MAML), or an empty dictionary (FO-MAML, whose meta-gradient does not pass back through
-    the loop).
+    ``directions`` holds each task's ``v`` (by default :func:`random_directions`); the run
+    returns the sum over tasks of the gradients of ``<w_k, v>`` with respect to ``w_0`` (MAML),
+    or an empty dictionary (FO-MAML, whose meta-gradient does not pass back through the loop).
     """
-    params = {n: p for n, p in task.model.named_parameters()}
-    if directions is None:
-        generator = torch.Generator().manual_seed(1)
-        fixed = {
-            n: torch.randn(p.shape, generator=generator, dtype=p.dtype) for n, p in params.items()
-        }
-        directions = [fixed] * batch.num_tasks
+    params = dict(task.model.named_parameters())
+    directions = directions or random_directions(params, batch.num_tasks)
     step_sizes = [{n: inner_lr for n in params}] * steps
 
     def run() -> Params:
@@ -101,13 +109,8 @@ def inner_part(
             adapted, _ = task.adapt(
                 params, batch.support_x[i], batch.support_y[i], step_sizes, first_order=first_order
             )
-            if first_order:
-                continue
-            surrogate = sum((adapted[n] * directions[i][n]).sum() for n in params)
-            for n, g in zip(
-                params, torch.autograd.grad(surrogate, list(params.values())), strict=True
-            ):
-                total[n] += g
+            if not first_order:
+                add_gradient(total, adapted, directions[i], params)
         return {} if first_order else total
 
     return run
@@ -149,43 +152,22 @@ def loop_inner_part(
     first_order: bool,
     directions: list[Params] | None = None,
 ) -> Callable[[], Params]:
-    """The clone-and-adapt loop's inner part, as :func:`inner_part` measures ours (and with
-    the same result)."""
-    names = [n for n, _ in net.named_parameters()]
-    if directions is None:
-        generator = torch.Generator().manual_seed(1)
-        fixed = {
-            n: torch.randn(p.shape, generator=generator, dtype=p.dtype)
-            for n, p in net.named_parameters()
-        }
-        directions = [fixed] * batch.num_tasks
+    """The clone-and-adapt loop's inner part (speed.py's ``loop_adapt``), as
+    :func:`inner_part` measures ours, and with the same result."""
+    params = dict(net.named_parameters())
+    directions = directions or random_directions(params, batch.num_tasks)
 
     def run() -> Params:
-        total = {n: torch.zeros_like(p) for n, p in net.named_parameters()}
+        total = {n: torch.zeros_like(p) for n, p in params.items()}
         for i in range(batch.num_tasks):
-            learner = clone_module(net)
-            for _ in range(steps):
-                modules = list(learner.modules())
-                params = [p for m in modules for p in m._parameters.values() if p is not None]
-                loss = loss_fn(learner(batch.support_x[i]), batch.support_y[i])
-                grads = iter(torch.autograd.grad(loss, params, create_graph=not first_order))
-                for m in modules:
-                    for k, p in m._parameters.items():
-                        if p is not None:
-                            g = next(grads)
-                            m._parameters[k] = p - inner_lr * (g.detach() if first_order else g)
-            if first_order:
-                continue
-            adapted = [
-                p for m in learner.modules() for p in m._parameters.values() if p is not None
-            ]
-            surrogate = sum(
-                (w * directions[i][n]).sum() for n, w in zip(names, adapted, strict=True)
-            )
-            for n, g in zip(
-                names, torch.autograd.grad(surrogate, list(net.parameters())), strict=True
-            ):
-                total[n] += g
+            x, y = batch.support_x[i], batch.support_y[i]
+            learner = loop_adapt(net, loss_fn, x, y, inner_lr, steps, first_order)
+            if not first_order:
+                # The clone's parameters come in the order of the net's named parameters.
+                adapted = [
+                    p for m in learner.modules() for p in m._parameters.values() if p is not None
+                ]
+                add_gradient(total, dict(zip(params, adapted, strict=True)), directions[i], params)
         return {} if first_order else total
 
     return run

@@ -229,23 +229,33 @@ def clone_module(module: nn.Module) -> nn.Module:
     return clone
 
 
+def loop_adapt(
+    model: nn.Module, loss_fn, x, y, inner_lr: float, steps: int, first_order: bool
+) -> nn.Module:
+    """A clone of ``model`` adapted by ``steps`` gradient steps on ``(x, y)``, its parameters
+    graph tensors of ``model``'s (learn2learn's ``clone()`` and ``adapt()``)."""
+    learner = clone_module(model)
+    for _ in range(steps):
+        params = [p for m in learner.modules() for p in m._parameters.values() if p is not None]
+        grads = iter(
+            torch.autograd.grad(loss_fn(learner(x), y), params, create_graph=not first_order)
+        )
+        for m in learner.modules():
+            for k, p in m._parameters.items():
+                if p is not None:
+                    g = next(grads)
+                    m._parameters[k] = p - inner_lr * (g.detach() if first_order else g)
+    return learner
+
+
 def loop_step(
     model: nn.Module, loss_fn, batch: TaskBatch, inner_lr: float, steps: int, first_order: bool
 ):
     """One meta-gradient by cloning and adapting task by task (the reference)."""
     model.zero_grad()
     for i in range(batch.num_tasks):
-        learner = clone_module(model)
-        for _ in range(steps):
-            params = [p for m in learner.modules() for p in m._parameters.values() if p is not None]
-            loss = loss_fn(learner(batch.support_x[i]), batch.support_y[i])
-            grads = torch.autograd.grad(loss, params, create_graph=not first_order)
-            grads = iter(grads)
-            for m in learner.modules():
-                for k, p in m._parameters.items():
-                    if p is not None:
-                        g = next(grads)
-                        m._parameters[k] = p - inner_lr * (g.detach() if first_order else g)
+        x, y = batch.support_x[i], batch.support_y[i]
+        learner = loop_adapt(model, loss_fn, x, y, inner_lr, steps, first_order)
         (loss_fn(learner(batch.query_x[i]), batch.query_y[i]) / batch.num_tasks).backward()
 
 
