@@ -84,6 +84,31 @@ def add_gradient(total: Params, point: Params, direction: Params, origin: Params
         total[n] += g
 
 
+def surrogate_gradients(
+    params: Params,
+    tasks: int,
+    adapt: Callable[[int], Params],
+    first_order: bool,
+    directions: list[Params] | None,
+) -> Callable[[], Params]:
+    """A run that adapts each task (``adapt(i)``, the adapted point as a dictionary named as
+    ``params``) and, unless ``first_order``, sums over tasks the gradients of ``<w_k, v_i>``
+    with respect to ``params`` (``v_i``: ``directions[i]``, by default
+    :func:`random_directions`), task by task as the library's per-task path runs them (one
+    task's graph at a time). First order, the run returns an empty dictionary."""
+    directions = directions or random_directions(params, tasks)
+
+    def run() -> Params:
+        total = {n: torch.zeros_like(p) for n, p in params.items()}
+        for i in range(tasks):
+            adapted = adapt(i)
+            if not first_order:
+                add_gradient(total, adapted, directions[i], params)
+        return {} if first_order else total
+
+    return run
+
+
 def inner_part(
     task: TaskModel,
     batch: TaskBatch,
@@ -99,21 +124,13 @@ def inner_part(
     or an empty dictionary (FO-MAML, whose meta-gradient does not pass back through the loop).
     """
     params = dict(task.model.named_parameters())
-    directions = directions or random_directions(params, batch.num_tasks)
     step_sizes = [{n: inner_lr for n in params}] * steps
 
-    def run() -> Params:
-        # Task by task, as the library's per-task path runs them (one task's graph at a time).
-        total = {n: torch.zeros_like(p) for n, p in params.items()}
-        for i in range(batch.num_tasks):
-            adapted, _ = task.adapt(
-                params, batch.support_x[i], batch.support_y[i], step_sizes, first_order=first_order
-            )
-            if not first_order:
-                add_gradient(total, adapted, directions[i], params)
-        return {} if first_order else total
+    def adapt(i: int) -> Params:
+        x, y = batch.support_x[i], batch.support_y[i]
+        return task.adapt(params, x, y, step_sizes, first_order=first_order)[0]
 
-    return run
+    return surrogate_gradients(params, batch.num_tasks, adapt, first_order, directions)
 
 
 def query_part(
@@ -155,22 +172,15 @@ def loop_inner_part(
     """The clone-and-adapt loop's inner part (speed.py's ``loop_adapt``), as
     :func:`inner_part` measures ours, and with the same result."""
     params = dict(net.named_parameters())
-    directions = directions or random_directions(params, batch.num_tasks)
 
-    def run() -> Params:
-        total = {n: torch.zeros_like(p) for n, p in params.items()}
-        for i in range(batch.num_tasks):
-            x, y = batch.support_x[i], batch.support_y[i]
-            learner = loop_adapt(net, loss_fn, x, y, inner_lr, steps, first_order)
-            if not first_order:
-                # The clone's parameters come in the order of the net's named parameters.
-                adapted = [
-                    p for m in learner.modules() for p in m._parameters.values() if p is not None
-                ]
-                add_gradient(total, dict(zip(params, adapted, strict=True)), directions[i], params)
-        return {} if first_order else total
+    def adapt(i: int) -> Params:
+        x, y = batch.support_x[i], batch.support_y[i]
+        learner = loop_adapt(net, loss_fn, x, y, inner_lr, steps, first_order)
+        # The clone's parameters come in the order of the net's named parameters.
+        adapted = [p for m in learner.modules() for p in m._parameters.values() if p is not None]
+        return dict(zip(params, adapted, strict=True))
 
-    return run
+    return surrogate_gradients(params, batch.num_tasks, adapt, first_order, directions)
 
 
 def library_step(
