@@ -40,9 +40,12 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from speed import add_malloc_argument, set_malloc
 
 from lightning_maml import FOMAML, MAML, TaskBatch
-from lightning_maml.cpu import cpu_bf16_support, cpu_name, keep_freed_memory
+from lightning_maml.cpu import cpu_bf16_support, cpu_name
 from lightning_maml.datamodules.omniglot import OmniglotDataModule
 from lightning_maml.models import ConvNet
 
@@ -108,18 +111,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--malloc",
-        choices=["keep", "system"],
-        default="keep",
-        help="keep: glibc keeps freed memory for reuse, as a CPU fit sets it (lightning_maml.cpu."
-        "keep_freed_memory); system: malloc as the environment leaves it",
-    )
+    add_malloc_argument(parser)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.malloc == "keep":
-        keep_freed_memory()
+    set_malloc(args)
     native = cpu_bf16_support()
     print(
         f"cpu: {cpu_name()}; threads={torch.get_num_threads()}; torch={torch.__version__}; "

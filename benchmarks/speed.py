@@ -675,6 +675,24 @@ def measure_recipe(args, recipe: Path) -> dict:
     return {"recipe": str(recipe), "loop_ms": min(loop), "bare_ms": min(bare)}
 
 
+def add_malloc_argument(parser: argparse.ArgumentParser) -> None:
+    """``--malloc keep|system``, which :func:`set_malloc` applies (this script's and
+    ``bf16_check.py``'s)."""
+    parser.add_argument(
+        "--malloc",
+        choices=["keep", "system"],
+        default="keep",
+        help="keep: glibc keeps freed memory for reuse, as a CPU fit sets it (lightning_maml.cpu."
+        "keep_freed_memory), for every row; system: malloc as the environment leaves it",
+    )
+
+
+def set_malloc(args: argparse.Namespace) -> None:
+    """Sets malloc as ``args.malloc`` says, before anything is timed."""
+    if args.malloc == "keep":
+        keep_freed_memory()
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, with ``--variants`` expanded and the defaults of the chosen mode."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -746,13 +764,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="both: also time each of our rows with PyTorch's own double backward of BatchNorm "
         "and conv2d (lightning_maml.double_backward.pytorch_double_backward), interleaved",
     )
-    parser.add_argument(
-        "--malloc",
-        choices=["keep", "system"],
-        default="keep",
-        help="keep: glibc keeps freed memory for reuse, as a CPU fit sets it (lightning_maml.cpu."
-        "keep_freed_memory), for every row; system: malloc as the environment leaves it",
-    )
+    add_malloc_argument(parser)
     parser.add_argument(
         "--check",
         action="store_true",
@@ -786,8 +798,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.malloc == "keep":
-        keep_freed_memory()
+    set_malloc(args)
     rows: list[dict] = []
     print(
         f"setup={args.setup} device={args.device} torch={torch.__version__} "
